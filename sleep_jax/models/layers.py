@@ -1,0 +1,194 @@
+"""Building blocks of the transformer: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Shape suffixes: B batch, L query length, S key/cache length, D d_model,
+H query heads, K kv heads, G = H // K query heads per kv head, Dh head_dim,
+F MLP hidden width, V vocab.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`);
+a rules table in the config maps them to mesh axes (sleep_jax.sharding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sleep_jax.models.config import RopeScaling, TransformerConfig
+
+Array = jax.Array
+KVCache = list  # [{'k': f[B, S, K, Dh], 'v': f[B, S, K, Dh]} per layer]
+
+_NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax, not NaN
+
+
+def _kernel_init(fan_in_axes_size: int):
+  return nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in_axes_size))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32, scaled by a learned per-feature weight."""
+
+  eps: float
+  axis_name: str = 'norm'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param(
+        'scale', nn.with_logical_partitioning(nn.initializers.ones,
+                                              (self.axis_name,)),
+        (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: RopeScaling | None) -> Array:
+  """Inverse frequencies [Dh/2] of RoPE, with optional "llama3" scaling."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and
+  # the band in between interpolated smoothly.
+  low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+  high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = ((scaling.original_max_position / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxLxNxDh: Array, positions_BxL: Array, inv_freq: Array) -> Array:
+  """Rotates pairs (i, i + Dh/2) — the "rotate half" layout of HF Llama/Qwen."""
+  angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  sin = jnp.sin(angles_BxLxF)[:, :, None, :]
+  cos = jnp.cos(angles_BxLxF)[:, :, None, :]
+  x = x_BxLxNxDh.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxDh.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with an optional functional KV cache."""
+
+  config: TransformerConfig
+
+  def _proj(self, x, name, heads, head_axis):
+    cfg = self.config
+    hd = cfg.resolved_head_dim
+    kernel = self.param(
+        f'{name}_kernel',
+        nn.with_logical_partitioning(_kernel_init(cfg.d_model),
+                                     ('embed', head_axis, 'head_dim')),
+        (cfg.d_model, heads, hd), jnp.float32)
+    y = jnp.einsum('bld,dnh->blnh', x, kernel.astype(cfg.compute_dtype))
+    if cfg.qkv_bias:
+      bias = self.param(
+          f'{name}_bias',
+          nn.with_logical_partitioning(nn.initializers.zeros,
+                                       (head_axis, 'head_dim')),
+          (heads, hd), jnp.float32)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, *, segment_ids_BxL=None,
+               cache=None):
+    cfg = self.config
+    hd, kv_heads = cfg.resolved_head_dim, cfg.num_kv_heads
+    groups = cfg.num_heads // kv_heads
+    q = self._proj(x_BxLxD, 'q', cfg.num_heads, 'heads')
+    k = self._proj(x_BxLxD, 'k', kv_heads, 'kv_heads')
+    v = self._proj(x_BxLxD, 'v', kv_heads, 'kv_heads')
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.norm_eps, 'head_dim', cfg.compute_dtype, name='q_norm')(q)
+      k = RMSNorm(cfg.norm_eps, 'head_dim', cfg.compute_dtype, name='k_norm')(k)
+    inv_freq = rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
+    q_BxLxHxDh = apply_rope(q, positions_BxL, inv_freq)
+    k_BxLxKxDh = apply_rope(k, positions_BxL, inv_freq)
+    q_BxLxHxDh = nn.with_logical_constraint(
+        q_BxLxHxDh, ('batch', 'length', 'heads', 'head_dim'))
+
+    batch, length = positions_BxL.shape
+    if cache is None:
+      keys, values = k_BxLxKxDh, v
+      idx = jnp.arange(length)
+      mask_BxLxS = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :],
+                                    (batch, length, length))
+      if segment_ids_BxL is not None:
+        same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+        mask_BxLxS = mask_BxLxS & same
+      new_cache = None
+    else:
+      if segment_ids_BxL is not None:
+        raise ValueError('segment_ids (packing) cannot be combined with a KV '
+                         'cache; pass one sequence per row.')
+      # Cache slot == absolute position: write this call's keys at their
+      # positions, then attend to every slot at or before the query position.
+      rows = jnp.arange(batch)[:, None]
+      keys = cache['k'].at[rows, positions_BxL].set(
+          k_BxLxKxDh.astype(cache['k'].dtype))
+      values = cache['v'].at[rows, positions_BxL].set(v.astype(cache['v'].dtype))
+      new_cache = {'k': keys, 'v': values}
+      slots = jnp.arange(keys.shape[1])
+      mask_BxLxS = slots[None, None, :] <= positions_BxL[:, :, None]
+      keys = keys.astype(cfg.compute_dtype)
+      values = values.astype(cfg.compute_dtype)
+
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(batch, length, kv_heads, groups, hd)
+    scores = jnp.einsum('blkgd,bskd->bkgls', q_BxLxKxGxDh, keys,
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask_BxLxS[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum('bkgls,bskd->blkgd', probs, values)
+    out_BxLxHxDh = out.reshape(batch, length, cfg.num_heads, hd)
+    o_kernel = self.param(
+        'o_kernel',
+        nn.with_logical_partitioning(_kernel_init(cfg.num_heads * hd),
+                                     ('heads', 'head_dim', 'embed')),
+        (cfg.num_heads, hd, cfg.d_model), jnp.float32)
+    y_BxLxD = jnp.einsum('blnh,nhd->bld', out_BxLxHxDh,
+                         o_kernel.astype(cfg.compute_dtype))
+    return y_BxLxD, new_cache
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)) — the llama/qwen MLP."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.config
+    dt = cfg.compute_dtype
+
+    def kernel(name, shape, axes, fan_in):
+      return self.param(
+          name, nn.with_logical_partitioning(_kernel_init(fan_in), axes),
+          shape, jnp.float32).astype(dt)
+
+    gate = kernel('gate_kernel', (cfg.d_model, cfg.d_ff), ('embed', 'mlp'), cfg.d_model)
+    up = kernel('up_kernel', (cfg.d_model, cfg.d_ff), ('embed', 'mlp'), cfg.d_model)
+    down = kernel('down_kernel', (cfg.d_ff, cfg.d_model), ('mlp', 'embed'), cfg.d_ff)
+    h_BxLxF = jax.nn.silu(x_BxLxD @ gate) * (x_BxLxD @ up)
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'mlp'))
+    return h_BxLxF @ down
+
+
+def make_mlp(config: TransformerConfig, name: str) -> nn.Module:
+  """The MLP slot of a block: the one place a new MLP kind is plugged in.
+
+  Any module here maps x[B, L, D] -> y[B, L, D] (the block adds the residual).
+  """
+  if config.mlp == 'swiglu':
+    return SwiGLU(config, name=name)
+  raise ValueError(f'TransformerConfig.mlp={config.mlp!r} has no MLP module.')

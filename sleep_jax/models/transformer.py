@@ -1,0 +1,103 @@
+"""The llama/qwen-family decoder: `Transformer(config).apply({'params': p}, tokens)`.
+
+Call modes:
+
+* training / scoring: `apply(vars, tokens_BxL)` -> logits f32[B, L, V];
+  optional `positions` and `segment_ids` (packed rows: tokens attend only
+  within their segment).
+* cached decoding: `apply(vars, tokens_BxL, positions=pos_BxL, cache=cache)`
+  -> (logits, new_cache). The cache (see `init_cache`) is a plain pytree
+  passed in and out; slot s of the cache holds the token at absolute
+  position s, and each query attends to the slots at or before its position.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sleep_jax.models import layers
+from sleep_jax.models.config import TransformerConfig
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache):
+    cfg = self.config
+    h = layers.RMSNorm(cfg.norm_eps, 'embed', cfg.compute_dtype,
+                       name='attn_norm')(x_BxLxD)
+    attn_out, new_cache = layers.Attention(cfg, name='attn')(
+        h, positions_BxL, segment_ids_BxL=segment_ids_BxL, cache=cache)
+    x_BxLxD = x_BxLxD + attn_out
+    h = layers.RMSNorm(cfg.norm_eps, 'embed', cfg.compute_dtype,
+                       name='mlp_norm')(x_BxLxD)
+    x_BxLxD = x_BxLxD + layers.make_mlp(cfg, name='mlp')(h)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
+    return x_BxLxD, new_cache
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. Params float32; compute in `config.dtype`."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, *, positions=None, segment_ids=None,
+               cache=None):
+    cfg = self.config
+    batch, length = tokens_BxL.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                                   (batch, length))
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+            ('vocab', 'embed')),
+        param_dtype=jnp.float32, dtype=cfg.compute_dtype, name='embed')
+    x_BxLxD = embed(tokens_BxL)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
+
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    new_cache = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache[i]
+      x_BxLxD, c = block_cls(cfg, name=f'layers_{i}')(
+          x_BxLxD, positions, segment_ids, layer_cache)
+      new_cache.append(c)
+
+    x_BxLxD = layers.RMSNorm(cfg.norm_eps, 'embed', cfg.compute_dtype,
+                             name='final_norm')(x_BxLxD)
+    if cfg.tie_embeddings:
+      logits_BxLxV = embed.attend(x_BxLxD)
+    else:
+      head = self.param(
+          'lm_head',
+          nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+              ('embed', 'vocab')),
+          (cfg.d_model, cfg.vocab_size), jnp.float32)
+      logits_BxLxV = x_BxLxD @ head.astype(cfg.compute_dtype)
+    logits_BxLxV = nn.with_logical_constraint(
+        logits_BxLxV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    if cache is None:
+      return logits_BxLxV
+    return logits_BxLxV, new_cache
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int,
+               dtype=None) -> layers.KVCache:
+  """An empty KV cache: per layer {'k', 'v'} of shape [batch, max_len, K, Dh]."""
+  dtype = dtype or config.compute_dtype
+  shape = (batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+          for _ in range(config.num_layers)]
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,243 @@
+"""The one sampler: KV-cache prefill, then a jitted `lax.while_loop` decode.
+
+Padding: prompts may be right-padded (`padding_side='right'`, the default:
+row b holds its prompt in columns [0, len_b)) or left-padded
+(`padding_side='left'`: columns [P - len_b, P)). Left-padded rows are shifted
+to the right-padded layout before prefill, so token t of every prompt sits at
+position t and both layouts give the same result.
+
+`.logprobs[b, t]` is log p_model(token | prefix) under the raw logits
+(temperature 1, before top-k/top-p filtering): the model's own probability
+of what was emitted. Positions after a row's EOS hold `pad_id` and 0.
+
+Compilation: one per (model config, batch, prompt length, max_new_tokens,
+temperature, top_k, top_p, eos_id) — params and rng are traced.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sleep_jax.models.transformer import init_cache
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array    # int32[B, max_new_tokens]
+  logprobs: jax.Array  # float32[B, max_new_tokens]
+  lengths: jax.Array   # int32[B]: generated tokens, EOS included
+
+
+def _filter_logits(logits_BxV, top_k: int, top_p: float):
+  """Masks (to -inf) tokens outside the top-k and outside the top-p nucleus."""
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_desc = -jnp.sort(-logits_BxV, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # Keep a token if the mass strictly before it is below top_p (so the
+    # most likely token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def select_tokens(logits_BxV, rng, *, temperature: float, top_k: int,
+                  top_p: float):
+  """Picks the next token per row; returns (tokens int32[B], logprobs f32[B])."""
+  if temperature == 0.0:
+    tokens = jnp.argmax(logits_BxV, axis=-1)
+  else:
+    filtered = _filter_logits(logits_BxV / temperature, top_k, top_p)
+    tokens = jax.random.categorical(rng, filtered, axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1),
+                                 tokens[:, None], axis=-1)[:, 0]
+  return tokens, logprobs
+
+
+def to_right_padded(tokens_BxP, lengths_B):
+  """Shifts left-padded rows so that each prompt starts at column 0."""
+  width = tokens_BxP.shape[1]
+  shift_B = width - lengths_B
+  cols = (jnp.arange(width)[None, :] + shift_B[:, None]) % width
+  return jnp.take_along_axis(tokens_BxP, cols, axis=1)
+
+
+class _LoopState(NamedTuple):
+  step: jax.Array
+  cache: list
+  last_token: jax.Array   # [B] token to feed at position `position`
+  position: jax.Array     # [B]
+  done: jax.Array         # [B] bool
+  tokens: jax.Array       # [B, N]
+  logprobs: jax.Array     # [B, N]
+  lengths: jax.Array      # [B]
+  rng: jax.Array
+
+
+def _record(state: _LoopState, token_B, logprob_B, eos_id, pad_id):
+  """Writes step `state.step`'s token for the rows that are still running."""
+  live = ~state.done
+  token_B = jnp.where(live, token_B, pad_id)
+  logprob_B = jnp.where(live, logprob_B, 0.0)
+  tokens = state.tokens.at[:, state.step].set(token_B)
+  logprobs = state.logprobs.at[:, state.step].set(logprob_B)
+  lengths = state.lengths + live.astype(jnp.int32)
+  done = state.done
+  if eos_id is not None:
+    done = done | (live & (token_B == eos_id))
+  return tokens, logprobs, lengths, done
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                     'eos_id', 'pad_id', 'padding_side'))
+def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
+                   temperature, top_k, top_p, eos_id, pad_id, padding_side):
+  batch, prompt_len = prompt_BxP.shape
+  if padding_side == 'left':
+    prompt_BxP = to_right_padded(prompt_BxP, lengths_B)
+  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+  logits, cache = model.apply({'params': params}, prompt_BxP, cache=cache)
+  last_logits_BxV = jnp.take_along_axis(
+      logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  choose = functools.partial(select_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p)
+  rng, step_rng = jax.random.split(rng)
+  token_B, logprob_B = choose(last_logits_BxV, step_rng)
+  state = _LoopState(
+      step=jnp.int32(0), cache=cache, last_token=token_B,
+      position=lengths_B.astype(jnp.int32), done=jnp.zeros((batch,), bool),
+      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+      logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+      lengths=jnp.zeros((batch,), jnp.int32), rng=rng)
+  tokens, logprobs, lengths, done = _record(state, token_B, logprob_B, eos_id,
+                                            pad_id)
+  state = state._replace(step=jnp.int32(1), tokens=tokens, logprobs=logprobs,
+                         lengths=lengths, done=done)
+
+  def cond(s: _LoopState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: _LoopState):
+    logits, cache = model.apply({'params': params}, s.last_token[:, None],
+                                positions=s.position[:, None], cache=s.cache)
+    rng, step_rng = jax.random.split(s.rng)
+    token_B, logprob_B = choose(logits[:, 0], step_rng)
+    tokens, logprobs, lengths, done = _record(s, token_B, logprob_B, eos_id,
+                                              pad_id)
+    return _LoopState(step=s.step + 1, cache=cache, last_token=token_B,
+                      position=s.position + 1, done=done, tokens=tokens,
+                      logprobs=logprobs, lengths=lengths, rng=rng)
+
+  state = jax.lax.while_loop(cond, body, state)
+  return SampleOutput(state.tokens, state.logprobs, state.lengths)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                     'eos_id', 'pad_id', 'padding_side'))
+def _sample_recompute(model, params, prompt_BxP, lengths_B, rng, *,
+                      max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+                      padding_side):
+  """Reference decoding without a cache: a full forward pass per new token."""
+  batch, prompt_len = prompt_BxP.shape
+  if padding_side == 'left':
+    prompt_BxP = to_right_padded(prompt_BxP, lengths_B)
+  width = prompt_len + max_new_tokens
+  buffer = jnp.full((batch, width), pad_id, jnp.int32).at[:, :prompt_len].set(
+      prompt_BxP)
+  rows = jnp.arange(batch)
+  choose = functools.partial(select_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p)
+  state = _LoopState(
+      step=jnp.int32(0), cache=[], last_token=jnp.zeros((batch,), jnp.int32),
+      position=lengths_B.astype(jnp.int32), done=jnp.zeros((batch,), bool),
+      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+      logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+      lengths=jnp.zeros((batch,), jnp.int32), rng=rng)
+
+  def cond(carry):
+    s, _ = carry
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(carry):
+    s, buf = carry
+    logits = model.apply({'params': params}, buf)
+    last_logits_BxV = logits[rows, s.position - 1]
+    rng, step_rng = jax.random.split(s.rng)
+    token_B, logprob_B = choose(last_logits_BxV, step_rng)
+    tokens, logprobs, lengths, done = _record(s, token_B, logprob_B, eos_id,
+                                              pad_id)
+    buf = buf.at[rows, jnp.minimum(s.position, width - 1)].set(token_B)
+    return (s._replace(step=s.step + 1, position=s.position + 1, done=done,
+                       tokens=tokens, logprobs=logprobs, lengths=lengths,
+                       rng=rng), buf)
+
+  state, _ = jax.lax.while_loop(cond, body, (state, buffer))
+  return SampleOutput(state.tokens, state.logprobs, state.lengths)
+
+
+def _check_args(prompt_tokens, prompt_lengths, max_new_tokens, temperature,
+                top_k, top_p, padding_side):
+  if prompt_tokens.ndim != 2:
+    raise ValueError(f'prompt_tokens must be int32[batch, length]; got shape '
+                     f'{prompt_tokens.shape}.')
+  if prompt_lengths.shape != prompt_tokens.shape[:1]:
+    raise ValueError(f'prompt_lengths must have shape [{prompt_tokens.shape[0]}]'
+                     f'; got {prompt_lengths.shape}.')
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1.')
+  if temperature < 0:
+    raise ValueError(f'temperature={temperature} must be >= 0 (0 = greedy).')
+  if top_k < 0:
+    raise ValueError(f'top_k={top_k} must be >= 0 (0 = no top-k filter).')
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f'top_p={top_p} must be in (0, 1] (1 = no nucleus filter).')
+  if padding_side not in ('left', 'right'):
+    raise ValueError(f"padding_side={padding_side!r}; valid: 'left', 'right'.")
+
+
+def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
+           max_new_tokens: int, rng, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+           padding_side: str = 'right', use_cache: bool = True) -> SampleOutput:
+  """Samples `max_new_tokens` continuations of a padded prompt batch.
+
+  Args:
+    model: a `sleep_jax.models.Transformer`.
+    params: its params pytree.
+    prompt_tokens: int32[B, P], padded on `padding_side`.
+    prompt_lengths: int32[B], each in [1, P].
+    max_new_tokens: tokens to generate per row (a row stops early at EOS).
+    rng: a PRNG key (unused when greedy).
+    temperature: 0 = greedy; otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: nucleus sampling mass (1.0 = off).
+    eos_id: a row stops after emitting it (None = never stop early).
+    pad_id: fills tokens after a row has stopped.
+    padding_side: 'right' or 'left'.
+    use_cache: False runs the full-recompute reference decoder.
+
+  Returns:
+    SampleOutput(tokens int32[B, N], logprobs f32[B, N], lengths int32[B]).
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  _check_args(prompt_tokens, prompt_lengths, max_new_tokens, temperature,
+              top_k, top_p, padding_side)
+  fn = _sample_cached if use_cache else _sample_recompute
+  return fn(model, params, prompt_tokens, prompt_lengths, rng,
+            max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+            top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
+            pad_id=int(pad_id), padding_side=padding_side)

@@ -1,0 +1,142 @@
+"""Device meshes, logical-axis rules and born-sharded initialisation.
+
+The mesh has three axes, `data`, `fsdp` and `tensor`. Model code names its
+axes logically ('batch', 'embed', 'mlp', 'heads', ...); a rules table (in the
+experiment config, `config.sharding.rules`) maps logical names to mesh axes.
+Params are never materialised unsharded: `init_sharded` traces the init with
+`jax.eval_shape`, turns the logical names into `NamedSharding`s and runs the
+init under `jax.jit(..., out_shardings=...)`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# A sensible default: batch over data+fsdp, weights' embed dim over fsdp
+# (ZeRO-3 style), heads/MLP/vocab over tensor (Megatron style).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('norm', None),
+)
+
+_distributed_initialized = False
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` once when running multi-process.
+
+  Cloud TPU pods (and any launcher that sets JAX_COORDINATOR_ADDRESS or
+  SLURM/OMPI variables) need it before the first JAX call; on one host it is
+  a no-op. Every entry point calls this first.
+  """
+  global _distributed_initialized
+  if _distributed_initialized:
+    return
+  multi = (os.environ.get('JAX_COORDINATOR_ADDRESS')
+           or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
+           or int(os.environ.get('SLURM_NTASKS', '1')) > 1)
+  if multi:
+    jax.distributed.initialize()
+    logging.info('jax.distributed initialised: process %d of %d',
+                 jax.process_index(), jax.process_count())
+  _distributed_initialized = True
+
+
+def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int,
+                       key: str = 'mesh') -> tuple[int, int, int]:
+  """Fills the (at most one) -1 axis and checks the product is num_devices."""
+  unknown = sorted(set(mesh_shape) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f'{key} has unknown axes {unknown}; valid axes: '
+                     f'{list(MESH_AXES)}.')
+  sizes = [int(mesh_shape.get(a, 1)) for a in MESH_AXES]
+  fills = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(fills) > 1:
+    raise ValueError(f'{key}: only one axis may be -1; got {fills} = -1.')
+  for a, s in zip(MESH_AXES, sizes):
+    if s == 0 or s < -1:
+      raise ValueError(f'{key}.{a}={s} is invalid: use a positive size or -1 '
+                       '(fill with the remaining devices).')
+  known = math.prod(s for s in sizes if s != -1)
+  if fills:
+    if num_devices % known:
+      raise ValueError(
+          f'{key}={dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} '
+          f'devices: the fixed axes multiply to {known}, which does not divide '
+          f'{num_devices}.')
+    sizes[MESH_AXES.index(fills[0])] = num_devices // known
+  elif known != num_devices:
+    raise ValueError(
+        f'{key}={dict(zip(MESH_AXES, sizes))} needs {known} devices but '
+        f'{num_devices} are available; make the sizes multiply to '
+        f'{num_devices}, or set one axis to -1.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = None,
+              key: str = 'mesh') -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (fill)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_shape, len(devices), key)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
+  """Normalises a rules table from a config (lists become tuples)."""
+  out = []
+  for name, target in rules:
+    if isinstance(target, list):
+      target = tuple(target)
+    for axis in (target if isinstance(target, tuple) else (target,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f'sharding rule {name!r} -> {target!r}: {axis!r} is '
+                         f'not a mesh axis; valid: {list(MESH_AXES)} or None.')
+    out.append((name, target))
+  return tuple(out)
+
+
+def logical_shardings(boxed_abstract_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree whose leaves carry logical axis names."""
+  specs = nn.get_partition_spec(boxed_abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args):
+  """Runs `init_fn(*args)` so every output leaf is born in its sharding.
+
+  `init_fn` returns a tree of `nn.LogicallyPartitioned` boxes (e.g. a linen
+  init, or a train state built from one). Returns (unboxed tree, shardings).
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = logical_shardings(abstract, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)),
+                   out_shardings=shardings)(*args)
+  return tree, shardings
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [batch, ...] input array: batch over the 'batch' rule."""
+  spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
