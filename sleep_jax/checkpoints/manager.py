@@ -1,0 +1,86 @@
+"""Orbax checkpoints of {train state, grain iterator state, metadata}.
+
+One `CheckpointManager` per run directory (`<workdir>/checkpoints`). Each
+step holds three items:
+
+* `state`: the train state pytree, restored straight into its shardings;
+* `data`: the grain iterator state (per process), so resuming replays
+  exactly the batches an uninterrupted run would see;
+* `metadata`: JSON (config, step, code version, anything the caller adds).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from absl import logging
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with our three items."""
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3,
+               save_interval_steps: int = 1):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_names=('state', 'data', 'metadata'),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_iterator=None,
+           metadata: Mapping[str, Any] | None = None, *, force: bool = False
+           ) -> bool:
+    items = {'state': ocp.args.StandardSave(state),
+             'metadata': ocp.args.JsonSave(dict(metadata or {}, step=step))}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items),
+                               force=force)
+    if saved:
+      logging.info('Saving checkpoint step %d to %s', step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores step `step`.
+
+    Args:
+      step: which step.
+      abstract_state: a pytree of `jax.ShapeDtypeStruct` with `.sharding`
+        (e.g. from `jax.eval_shape` + shardings): arrays are placed directly
+        into those shardings.
+      data_iterator: a fresh grain iterator of the same pipeline; its state
+        is set in place.
+
+    Returns:
+      (state, metadata dict).
+    """
+    items = {'state': ocp.args.StandardRestore(abstract_state),
+             'metadata': ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state'], dict(restored['metadata'])
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) of a tree of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,1 @@
+"""Data: generated corpora, tokenizers and grain pipelines."""

@@ -1,0 +1,95 @@
+"""Run metrics: `metrics.jsonl` + TensorBoard events, and progress lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Appends one JSON object per step to `<workdir>/metrics.jsonl` and writes
+  the same scalars as TensorBoard events under `<workdir>/tensorboard`.
+
+  Only process 0 writes. Lines are flushed immediately so a crash loses
+  nothing already logged.
+  """
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
+    from tensorboardX import SummaryWriter  # heavy import, only when writing
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._active:
+      return
+    row = {'step': int(step)}
+    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != 'step':
+        self._tb.add_scalar(k, v, int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def check_finite(step: int, scalars: Mapping[str, float]) -> None:
+  """Raises FloatingPointError naming the step and metric if any is NaN/inf."""
+  for name, value in scalars.items():
+    value = float(np.asarray(value))
+    if not math.isfinite(value):
+      raise FloatingPointError(
+          f'Training diverged at step {step}: metric {name!r} is {value}. '
+          'Lower optimizer.learning_rate, raise optimizer.warmup_steps or '
+          'tighten optimizer.grad_clip, then resume from the last checkpoint.')
+
+
+class Progress:
+  """Logs `step i/n (x%), steps/s, ETA, <metrics>` lines at an interval."""
+
+  def __init__(self, total_steps: int, first_step: int = 0,
+               every_seconds: float = 5.0, what: str = 'step'):
+    self._total = total_steps
+    self._what = what
+    self._every = every_seconds
+    self._t0 = self._last = time.perf_counter()
+    self._first = first_step
+
+  def update(self, step: int, scalars: Mapping[str, float] | None = None,
+             force: bool = False) -> str | None:
+    now = time.perf_counter()
+    if not force and now - self._last < self._every:
+      return None
+    self._last = now
+    done = step - self._first
+    rate = done / max(now - self._t0, 1e-9)
+    eta = (self._total - step) / rate if rate > 0 else float('inf')
+    parts = [f'{self._what} {step}/{self._total} '
+             f'({100.0 * step / max(self._total, 1):.0f}%)',
+             f'{rate:.2f} {self._what}s/s', f'ETA {_fmt_seconds(eta)}']
+    parts += [f'{k}={float(np.asarray(v)):.4g}' for k, v in (scalars or {}).items()]
+    line = ' | '.join(parts)
+    print(line, flush=True)
+    return line
+
+
+def _fmt_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
