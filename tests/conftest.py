@@ -1,0 +1,36 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and helpers."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import contextlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
+
+
+@contextlib.contextmanager
+def count_compilations():
+  """Counts XLA backend compilations inside the block: `with ... as n: ...; n()`."""
+  count = [0]
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == _BACKEND_COMPILE:
+      count[0] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield lambda: count[0]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
+def compile_counter():
+  return count_compilations

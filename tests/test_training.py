@@ -1,0 +1,150 @@
+"""Loss, the trainer loop, exact resume, NaN errors and early config checks."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments.configs import tiny_lm
+from sleep_jax import lm_trainer, metrics, training
+
+
+def test_next_token_loss_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, (2, 5))
+  mask = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]])
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  expected = -(picked * mask).sum() / mask.sum()
+  loss, tokens = training.next_token_loss(logits, targets, mask)
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
+  assert float(tokens) == 7
+  # Masked positions have no effect.
+  logits2 = logits.copy()
+  logits2[0, 2] += 100.0
+  assert float(training.next_token_loss(logits2, targets, mask)[0]) == pytest.approx(
+      expected, rel=1e-5)
+
+
+def test_optimizer_schedule_and_weight_decay_mask():
+  tx, schedule = training.make_optimizer(tiny_lm.get_config().optimizer, 600)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(50)) == pytest.approx(3e-3)
+  assert float(schedule(600)) == pytest.approx(3e-4)
+  params = {'w': np.ones((2, 2), np.float32), 'scale': np.ones((2,), np.float32)}
+  zero = jax.tree.map(np.zeros_like, params)
+  state = tx.init(params)
+  for _ in range(60):  # past warmup; zero grads -> only weight decay moves
+    updates, state = tx.update(zero, state, params)
+  assert np.all(np.asarray(updates['w']) < 0)
+  assert np.all(np.asarray(updates['scale']) == 0)
+
+
+def _smoke_config(**overrides):
+  config = tiny_lm.get_config('smoke')
+  config.data.num_documents = 400
+  config.num_train_steps = 6
+  config.checkpoint_every_steps = 2
+  config.log_every_steps = 1
+  config.sample_tokens = 4
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _final_state(workdir, config):
+  """Restores the latest checkpoint's params with plain numpy arrays."""
+  path = os.path.join(workdir, 'checkpoints')
+  mngr = ocp.CheckpointManager(path, item_names=('state', 'metadata'))
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
+  mngr.close()
+  return step, restored['state'], restored['metadata']
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows}
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+  config = _smoke_config()
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  lm_trainer.train(config, straight)
+  first = lm_trainer.train(config, resumed, stop_after=3)
+  assert first['step'] == 3
+  second = lm_trainer.train(config, resumed)
+  assert second['step'] == 6
+
+  a_step, a_state, meta = _final_state(straight, config)
+  b_step, b_state, _ = _final_state(resumed, config)
+  assert a_step == b_step == 6
+  leaves_a = jax.tree.leaves(a_state)
+  leaves_b = jax.tree.leaves(b_state)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  losses_a, losses_b = _losses(straight), _losses(resumed)
+  for step in (4, 5, 6):  # steps run only after the resume
+    assert losses_a[step] == losses_b[step]
+  assert meta['config']['model']['d_model'] == config.model.d_model
+  # The data iterator state was restored: without it step 4 would re-read
+  # the first batch and its loss would differ from the straight run.
+  assert losses_a[4] != losses_a[1]
+
+
+def test_outputs_in_workdir(tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = lm_trainer.train(_smoke_config(**{'data.source': 'memory'}), workdir)
+  names = set(os.listdir(workdir))
+  assert {'config.json', 'metrics.jsonl', 'tensorboard', 'checkpoints',
+          'tokenizer.model', 'final_metrics.json'} <= names
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  losses = _losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  assert losses[6] < losses[1]
+  assert np.isfinite(result['eval_loss'])
+  assert result['sample'].startswith('Ada lives in')
+
+
+def test_divergence_names_the_step_and_metric(tmp_path):
+  config = _smoke_config(**{'optimizer.learning_rate': 1e30,
+                            'optimizer.warmup_steps': 0,
+                            'optimizer.grad_clip': 1e30})
+  with pytest.raises(FloatingPointError, match=r"at step \d+: metric '(loss|grad_norm)'"):
+    lm_trainer.train(config, str(tmp_path / 'nan'))
+
+
+def test_check_finite_names_metric():
+  with pytest.raises(FloatingPointError, match="step 7: metric 'grad_norm' is inf"):
+    metrics.check_finite(7, {'loss': 1.0, 'grad_norm': float('inf')})
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.num_heads': 3}, 'num_heads=3 must be a multiple of num_kv_heads=2'),
+    ({'model.d_model': 60, 'model.num_kv_heads': 1, 'model.num_heads': 8},
+     'd_model=60 is not divisible by num_heads=8'),
+    ({'mesh.data': 3}, 'needs 3 devices but 8 are available'),
+    ({'data.source': 'tfrecord'}, "data.source='tfrecord'"),
+    ({'optimizer.warmup_steps': 100}, 'optimizer.warmup_steps=100'),
+    ({'data.batch_size': 6}, 'data.batch_size=6 must be divisible'),
+])
+def test_invalid_config_fails_before_compiling(tmp_path, compile_counter,
+                                               overrides, message):
+  config = _smoke_config(**overrides)
+  with compile_counter() as compiles:
+    with pytest.raises(ValueError, match=message):
+      lm_trainer.train(config, str(tmp_path / 'bad'))
+  assert compiles() == 0
+  assert not os.path.exists(tmp_path / 'bad')
