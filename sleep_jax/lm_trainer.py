@@ -226,11 +226,12 @@ def train(config, workdir: str, *, stop_after: int | None = None
                         np.asarray([len(prompt)], np.int32),
                         max_new_tokens=config.sample_tokens,
                         rng=jax.random.key(0), eos_id=tokenizer.eos_id)
-  text = tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist())
+  generated = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
+  # Decode prompt and continuation together so word boundaries survive.
+  text = tokenizer.decode(prompt + generated)
   result = {'step': last_step, 'loss': float(last.get('loss', float('nan'))),
             'eval_loss': eval_loss, 'params': num_params,
-            'seconds': time.perf_counter() - t_start,
-            'sample': config.sample_prompt + text}
+            'seconds': time.perf_counter() - t_start, 'sample': text}
   print(f'eval loss {eval_loss:.4f} | greedy sample: {result["sample"]!r}',
         flush=True)
   if jax.process_index() == 0:

@@ -1,21 +1,22 @@
 """A ~1.5M-parameter llama-style LM on the generated corpus (CPU, minutes).
 
-Default (1,537,152 params, 600 steps of 16 x 128 tokens):
+Default (1,541,760 params, 600 steps of 16 x 128 tokens):
 
     python -m experiments.train_lm --config=experiments/configs/tiny_lm.py \
         --workdir=/tmp/tiny_lm
 
-  Expected on a 2-core CPU: ~4 minutes; final train loss ~1.1, eval loss
-  ~1.1 (the unigram entropy of the corpus is ~5.3 nats). On one GPU: under a
-  minute.
+  Expected on a 2-core CPU: ~4.5 minutes (2.3 steps/s); final train loss
+  ~0.75, eval loss ~0.76 (measured: 0.750 / 0.761); greedy sample for
+  "Ada lives in": "Ada lives in Fenhollow and works as a baker." On one GPU:
+  well under a minute.
 
-Smoke (~100k params, 20 steps; for CI and for checking a setup):
+Smoke (106,816 params, 20 steps; for CI and for checking a setup):
 
     python -m experiments.train_lm \
         --config=experiments/configs/tiny_lm.py:smoke --workdir=/tmp/smoke
 
-  Expected: ~15 seconds on CPU, most of it compiling; loss falls from ~6.3
-  to ~4.
+  Expected: ~10 seconds on CPU, most of it compiling; loss falls from ~6.3
+  (step 5) to ~4.6 (step 20), eval loss ~4.6.
 
 Any field can be overridden, e.g. `--config.model.num_layers=2`,
 `--config.optimizer.learning_rate=1e-3`, `--config.mesh.data=-1`.

@@ -1,0 +1,61 @@
+"""The command lines a user types: train_lm (with overrides, resume) and the
+benchmark's output format."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, check=True):
+  proc = subprocess.run([sys.executable, '-m', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  if check and proc.returncode:
+    raise AssertionError(f'exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}')
+  return proc
+
+
+def test_train_lm_smoke_with_overrides_then_resume(tmp_path):
+  workdir = str(tmp_path / 'run')
+  args = ['experiments.train_lm',
+          '--config=experiments/configs/tiny_lm.py:smoke', f'--workdir={workdir}',
+          '--config.num_train_steps=4', '--config.data.num_documents=300',
+          '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
+          '--config.optimizer.warmup_steps=1']
+  first = _run(*args, '--stop_after=2')
+  assert 'step 2/2' in first.stdout
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['num_train_steps'] == 4 and saved['data']['num_documents'] == 300
+  second = _run(*args)
+  assert 'resumed from checkpoint step 2' in second.stdout
+  assert re.search(r'step 4/4 .*steps/s \| ETA', second.stdout)
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    final = json.load(f)
+  assert final['step'] == 4 and final['sample'].startswith('Ada lives in')
+  assert os.path.exists(os.path.join(workdir, 'tokenizer.model'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+
+
+def test_train_lm_bad_override_names_the_key(tmp_path):
+  proc = _run('experiments.train_lm',
+              '--config=experiments/configs/tiny_lm.py:smoke',
+              f'--workdir={tmp_path / "bad"}', '--config.model.num_kv_heads=3',
+              check=False)
+  assert proc.returncode != 0
+  assert 'num_heads=4 must be a multiple of num_kv_heads=3' in proc.stderr
+
+
+def test_benchmark_prints_mfu_and_sampling_ratio_last():
+  proc = _run('benchmarks.lm', '--d_model=64', '--num_layers=1',
+              '--vocab_size=256', '--batch=8', '--seq_len=16', '--steps=1',
+              '--matmul_size=256', '--sample_batch=2', '--prompt_len=4',
+              '--new_tokens=8')
+  lines = proc.stdout.strip().splitlines()
+  assert re.fullmatch(r'MFU: \d+(\.\d+)?%', lines[-2])
+  assert re.fullmatch(r'sampling speedup cached/recompute: \d+(\.\d+)?x', lines[-1])
