@@ -8,7 +8,7 @@ copy-pasted) and, unless --dry-run, executes it. Example for a v5e-16 pod
     python launch/tpu_vm.py setup --name=lm --zone=us-central2-b
     python launch/tpu_vm.py run --name=lm --zone=us-central2-b -- \
         experiments.train_lm --config=experiments/configs/tiny_lm.py \
-        --workdir=gs://bucket/run
+        --workdir=/mnt/shared/run
     python launch/tpu_vm.py delete --name=lm --zone=us-central2-b
 
 or all four in one go with `all` (same flags, module after `--`).
@@ -17,7 +17,8 @@ or all four in one go with `all` (same flags, module after `--`).
 pod needs: every entry point calls `sleep_jax.sharding.maybe_initialize_
 distributed()` first, which initialises jax.distributed on multi-host TPU
 VMs (TPU_WORKER_HOSTNAMES is set there), so the hosts find each other
-without further flags. --workdir should be a gs:// path all hosts share.
+without further flags. --workdir must be a directory all hosts share (e.g.
+a bucket mounted with gcsfuse at the same path on every host).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sleep_jax.models.transformer import init_cache
 
@@ -83,6 +84,20 @@ class _LoopState(NamedTuple):
   rng: jax.Array
 
 
+_STATIC_ARGS = ('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                'eos_id', 'pad_id', 'padding_side')
+
+
+def _initial_state(cache, lengths_B, rng, max_new_tokens, pad_id) -> _LoopState:
+  batch = lengths_B.shape[0]
+  return _LoopState(
+      step=jnp.int32(0), cache=cache, last_token=jnp.zeros((batch,), jnp.int32),
+      position=lengths_B.astype(jnp.int32), done=jnp.zeros((batch,), bool),
+      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+      logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+      lengths=jnp.zeros((batch,), jnp.int32), rng=rng)
+
+
 def _record(state: _LoopState, token_B, logprob_B, eos_id, pad_id):
   """Writes step `state.step`'s token for the rows that are still running."""
   live = ~state.done
@@ -97,10 +112,7 @@ def _record(state: _LoopState, token_B, logprob_B, eos_id, pad_id):
   return tokens, logprobs, lengths, done
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                     'eos_id', 'pad_id', 'padding_side'))
+@functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
 def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
                    temperature, top_k, top_p, eos_id, pad_id, padding_side):
   batch, prompt_len = prompt_BxP.shape
@@ -114,16 +126,11 @@ def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
                              top_k=top_k, top_p=top_p)
   rng, step_rng = jax.random.split(rng)
   token_B, logprob_B = choose(last_logits_BxV, step_rng)
-  state = _LoopState(
-      step=jnp.int32(0), cache=cache, last_token=token_B,
-      position=lengths_B.astype(jnp.int32), done=jnp.zeros((batch,), bool),
-      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-      logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
-      lengths=jnp.zeros((batch,), jnp.int32), rng=rng)
+  state = _initial_state(cache, lengths_B, rng, max_new_tokens, pad_id)
   tokens, logprobs, lengths, done = _record(state, token_B, logprob_B, eos_id,
                                             pad_id)
-  state = state._replace(step=jnp.int32(1), tokens=tokens, logprobs=logprobs,
-                         lengths=lengths, done=done)
+  state = state._replace(step=jnp.int32(1), last_token=token_B, tokens=tokens,
+                         logprobs=logprobs, lengths=lengths, done=done)
 
   def cond(s: _LoopState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -143,10 +150,7 @@ def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
   return SampleOutput(state.tokens, state.logprobs, state.lengths)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                     'eos_id', 'pad_id', 'padding_side'))
+@functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
 def _sample_recompute(model, params, prompt_BxP, lengths_B, rng, *,
                       max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
                       padding_side):
@@ -160,12 +164,7 @@ def _sample_recompute(model, params, prompt_BxP, lengths_B, rng, *,
   rows = jnp.arange(batch)
   choose = functools.partial(select_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p)
-  state = _LoopState(
-      step=jnp.int32(0), cache=[], last_token=jnp.zeros((batch,), jnp.int32),
-      position=lengths_B.astype(jnp.int32), done=jnp.zeros((batch,), bool),
-      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-      logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
-      lengths=jnp.zeros((batch,), jnp.int32), rng=rng)
+  state = _initial_state([], lengths_B, rng, max_new_tokens, pad_id)
 
   def cond(carry):
     s, _ = carry
@@ -196,6 +195,11 @@ def _check_args(prompt_tokens, prompt_lengths, max_new_tokens, temperature,
   if prompt_lengths.shape != prompt_tokens.shape[:1]:
     raise ValueError(f'prompt_lengths must have shape [{prompt_tokens.shape[0]}]'
                      f'; got {prompt_lengths.shape}.')
+  if not isinstance(prompt_lengths, jax.core.Tracer):
+    lengths = np.asarray(prompt_lengths)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > prompt_tokens.shape[1]):
+      raise ValueError(f'prompt_lengths must be in [1, {prompt_tokens.shape[1]}] '
+                       f'(the padded prompt width); got {lengths.tolist()}.')
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1.')
   if temperature < 0:

@@ -143,6 +143,9 @@ def test_bad_arguments_are_clear_errors():
   with pytest.raises(ValueError, match="padding_side='middle'"):
     sampling.sample(MODEL, PARAMS, right, LENGTHS, max_new_tokens=2,
                     rng=jax.random.key(0), padding_side='middle')
+  with pytest.raises(ValueError, match=r'prompt_lengths must be in \[1, 10\]'):
+    sampling.sample(MODEL, PARAMS, right, np.array([3, 11, 1, 6]),
+                    max_new_tokens=2, rng=jax.random.key(0))
   with pytest.raises(ValueError, match='prompt_lengths must have shape'):
     sampling.sample(MODEL, PARAMS, right, LENGTHS[:2], max_new_tokens=2,
                     rng=jax.random.key(0))
