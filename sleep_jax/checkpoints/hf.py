@@ -1,0 +1,273 @@
+"""Import Hugging Face safetensors checkpoints (Llama, Qwen2, Qwen3).
+
+`load_hf_checkpoint(path)` reads `config.json` (the published layout with
+`rope_theta` / `rope_scaling`, or the transformers-5 layout with
+`rope_parameters`) and the `*.safetensors` shards (with or without
+`model.safetensors.index.json`), and returns `(TransformerConfig, params)`.
+
+Tensors are read with safetensors' numpy API one slice at a time: with a
+mesh, every device shard is read straight from the file region it needs
+(`jax.make_array_from_callback`), so no host ever holds a full copy of the
+model. bfloat16 files load through ml_dtypes (imported by JAX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' for safetensors)
+import numpy as np
+from safetensors import safe_open
+
+from sleep_jax import sharding as sharding_lib
+from sleep_jax.models import RopeScaling, Transformer, TransformerConfig
+
+SUPPORTED_ARCHITECTURES = {
+    'LlamaForCausalLM': 'llama',
+    'Qwen2ForCausalLM': 'qwen2',
+    'Qwen3ForCausalLM': 'qwen3',
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded; the message names file and tensor."""
+
+
+# --- config.json -> TransformerConfig ---------------------------------------
+
+
+def _rope(hf: dict[str, Any], config_path: str) -> tuple[float, RopeScaling | None]:
+  params = hf.get('rope_parameters') or {}  # transformers >= 5
+  theta = params.get('rope_theta', hf.get('rope_theta', 10_000.0))
+  scaling = hf.get('rope_scaling') or (params if params else None)
+  kind = None if scaling is None else scaling.get('rope_type', scaling.get('type'))
+  if kind in (None, 'default'):
+    return float(theta), None
+  if kind != 'llama3':
+    raise CheckpointError(
+        f'{config_path}: rope scaling type {kind!r} is not supported; '
+        'supported: "llama3" or none.')
+  return float(theta), RopeScaling(
+      factor=float(scaling['factor']),
+      low_freq_factor=float(scaling['low_freq_factor']),
+      high_freq_factor=float(scaling['high_freq_factor']),
+      original_max_position=int(scaling['original_max_position_embeddings']))
+
+
+def config_from_hf(hf: dict[str, Any], config_path: str = 'config.json'
+                   ) -> TransformerConfig:
+  """Maps a transformers `config.json` dict onto a TransformerConfig."""
+  archs = hf.get('architectures') or []
+  family = next((SUPPORTED_ARCHITECTURES[a] for a in archs
+                 if a in SUPPORTED_ARCHITECTURES), None)
+  if family is None:
+    raise CheckpointError(
+        f'{config_path}: architectures={archs} (model_type='
+        f'{hf.get("model_type")!r}) is not supported; supported: '
+        f'{sorted(SUPPORTED_ARCHITECTURES)}.')
+  theta, scaling = _rope(hf, config_path)
+  heads = hf['num_attention_heads']
+  head_dim = hf.get('head_dim')
+  if head_dim == hf['hidden_size'] // heads:
+    head_dim = None
+  return TransformerConfig(
+      vocab_size=hf['vocab_size'], d_model=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'], num_heads=heads,
+      num_kv_heads=hf.get('num_key_value_heads') or heads,
+      d_ff=hf['intermediate_size'], head_dim=head_dim, rope_theta=theta,
+      rope_scaling=scaling, norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      qkv_bias=(family == 'qwen2') or bool(hf.get('attention_bias', False)),
+      qk_norm=(family == 'qwen3'),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', family == 'qwen2')),
+      max_len=int(hf.get('max_position_embeddings', 2048)))
+
+
+# --- where each of our params comes from ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """HF tensor `name` and how it maps onto our layout.
+
+  kind: 'copy' (same layout), 'transpose' (ours = W.T for a [out, in]
+  Linear), 'in_heads' (W [N*Dh, D] -> ours [D, N, Dh]), 'out_heads'
+  (W [D, N*Dh] -> ours [N, Dh, D]), 'bias_heads' ([N*Dh] -> [N, Dh]).
+  """
+
+  name: str
+  kind: str
+
+
+def _sources(config: TransformerConfig) -> dict[tuple[str, ...], _Source]:
+  out = {('embed', 'embedding'): _Source('model.embed_tokens.weight', 'copy'),
+         ('final_norm', 'scale'): _Source('model.norm.weight', 'copy')}
+  if not config.tie_embeddings:
+    out[('lm_head',)] = _Source('lm_head.weight', 'transpose')
+  for i in range(config.num_layers):
+    hf, ours = f'model.layers.{i}', f'layers_{i}'
+    out[(ours, 'attn_norm', 'scale')] = _Source(f'{hf}.input_layernorm.weight', 'copy')
+    out[(ours, 'mlp_norm', 'scale')] = _Source(
+        f'{hf}.post_attention_layernorm.weight', 'copy')
+    for p in ('q', 'k', 'v'):
+      out[(ours, 'attn', f'{p}_kernel')] = _Source(
+          f'{hf}.self_attn.{p}_proj.weight', 'in_heads')
+      if config.qkv_bias:
+        out[(ours, 'attn', f'{p}_bias')] = _Source(
+            f'{hf}.self_attn.{p}_proj.bias', 'bias_heads')
+    out[(ours, 'attn', 'o_kernel')] = _Source(f'{hf}.self_attn.o_proj.weight',
+                                              'out_heads')
+    if config.qk_norm:
+      for p in ('q', 'k'):
+        out[(ours, 'attn', f'{p}_norm', 'scale')] = _Source(
+            f'{hf}.self_attn.{p}_norm.weight', 'copy')
+    for p in ('gate', 'up', 'down'):
+      out[(ours, 'mlp', f'{p}_kernel')] = _Source(f'{hf}.mlp.{p}_proj.weight',
+                                                  'transpose')
+  return out
+
+
+def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The HF tensor shape that maps onto our `shape`."""
+  if kind == 'copy':
+    return shape
+  if kind == 'transpose':
+    return shape[::-1]
+  if kind == 'in_heads':
+    d, n, dh = shape
+    return (n * dh, d)
+  if kind == 'out_heads':
+    n, dh, d = shape
+    return (d, n * dh)
+  n, dh = shape  # bias_heads
+  return (n * dh,)
+
+
+def _read_block(hf_slice, kind: str, shape, index) -> np.ndarray:
+  """Reads our block `index` (tuple of slices) from an HF safetensors slice."""
+  ranges = [s.indices(n)[:2] for s, n in zip(index, shape)]
+  sl = lambda r: slice(*r)
+  if kind == 'copy':
+    return hf_slice[tuple(sl(r) for r in ranges)]
+  if kind == 'transpose':
+    return hf_slice[sl(ranges[1]), sl(ranges[0])].T
+  if kind == 'in_heads':
+    (d0, d1), (h0, h1), (e0, e1) = ranges
+    dh = shape[2]
+    block = hf_slice[h0 * dh:h1 * dh, d0:d1]  # [nh*Dh, nd]
+    return block.reshape(h1 - h0, dh, d1 - d0)[:, e0:e1].transpose(2, 0, 1)
+  if kind == 'out_heads':
+    (h0, h1), (e0, e1), (d0, d1) = ranges
+    dh = shape[1]
+    block = hf_slice[d0:d1, h0 * dh:h1 * dh]  # [nd, nh*Dh]
+    return block.reshape(d1 - d0, h1 - h0, dh)[:, :, e0:e1].transpose(1, 2, 0)
+  (h0, h1), (e0, e1) = ranges  # bias_heads
+  dh = shape[1]
+  return hf_slice[h0 * dh:h1 * dh].reshape(h1 - h0, dh)[:, e0:e1]
+
+
+# --- files ----------------------------------------------------------------------
+
+
+def _weight_map(path: str) -> dict[str, str]:
+  """Tensor name -> safetensors file, from the index or by listing shards."""
+  index = os.path.join(path, 'model.safetensors.index.json')
+  if os.path.exists(index):
+    with open(index) as f:
+      mapping = json.load(f)['weight_map']
+    return {k: os.path.join(path, v) for k, v in mapping.items()}
+  files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
+  if not files:
+    raise CheckpointError(f'{path}: no *.safetensors files found.')
+  mapping = {}
+  for file in files:
+    with safe_open(file, framework='np') as f:
+      for key in f.keys():
+        mapping[key] = file
+  return mapping
+
+
+def load_hf_config(path: str) -> TransformerConfig:
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.exists(config_path):
+    raise CheckpointError(f'{config_path} not found: a Hugging Face checkpoint '
+                          'directory needs config.json next to *.safetensors.')
+  with open(config_path) as f:
+    return config_from_hf(json.load(f), config_path)
+
+
+def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
+                       rules=sharding_lib.DEFAULT_RULES,
+                       config_overrides: dict[str, Any] | None = None):
+  """Loads a Llama / Qwen2 / Qwen3 HF checkpoint directory.
+
+  Args:
+    path: directory with config.json and *.safetensors.
+    mesh: if given, each param is placed directly into its sharding (from
+      the model's logical axes and `rules`); else onto the default device.
+    rules: logical-axis rules used with `mesh`.
+    config_overrides: TransformerConfig fields to change (e.g. dtype).
+
+  Returns:
+    (TransformerConfig, params) — params float32, as `Transformer.apply` wants.
+
+  Raises:
+    CheckpointError: unsupported architecture, missing tensor or shape
+      mismatch; the message names the file, the tensor and the shapes.
+  """
+  config = load_hf_config(path)
+  if config_overrides:
+    config = dataclasses.replace(config, **config_overrides)
+  weight_map = _weight_map(path)
+  boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0),
+                         jnp.ones((1, 1), jnp.int32))['params']
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
+  else:
+    shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  sources = _sources(config)
+
+  open_files: dict[str, Any] = {}
+
+  def hf_slice(source: _Source, want: tuple[int, ...]):
+    file = weight_map.get(source.name)
+    if file is None:
+      raise CheckpointError(
+          f'{path}: tensor {source.name!r} is missing (expected shape '
+          f'{list(_hf_shape(source.kind, want))}); searched '
+          f'{sorted(set(os.path.basename(f) for f in weight_map.values()))}.')
+    if file not in open_files:
+      open_files[file] = safe_open(file, framework='np')
+    sl = open_files[file].get_slice(source.name)
+    found, expected = tuple(sl.get_shape()), _hf_shape(source.kind, want)
+    if found != expected:
+      raise CheckpointError(
+          f'{file}: tensor {source.name!r} has shape {list(found)}, expected '
+          f'{list(expected)} for the config in {path}/config.json.')
+    return sl
+
+  def load_leaf(key_path, leaf, sharding):
+    key = tuple(k.key for k in key_path)
+    source = sources.get(key)
+    if source is None:
+      raise CheckpointError(f'No Hugging Face tensor maps onto param {key}.')
+    sl = hf_slice(source, leaf.shape)
+    read: Callable[[Any], np.ndarray] = functools.partial(
+        _read_block, sl, source.kind, leaf.shape)
+    return jax.make_array_from_callback(
+        leaf.shape, sharding, lambda idx: np.asarray(read(idx), np.float32))
+
+  try:
+    params = jax.tree_util.tree_map_with_path(load_leaf, abstract, shardings)
+  finally:
+    open_files.clear()
+  return config, params
