@@ -226,48 +226,62 @@ def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
   if config_overrides:
     config = dataclasses.replace(config, **config_overrides)
   weight_map = _weight_map(path)
-  boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0),
-                         jnp.ones((1, 1), jnp.int32))['params']
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
-  else:
-    shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-  abstract = nn.meta.unbox(boxed)
-  sources = _sources(config)
-
   open_files: dict[str, Any] = {}
 
-  def hf_slice(source: _Source, want: tuple[int, ...]):
-    file = weight_map.get(source.name)
+  def lookup(name: str):
+    file = weight_map.get(name)
     if file is None:
-      raise CheckpointError(
-          f'{path}: tensor {source.name!r} is missing (expected shape '
-          f'{list(_hf_shape(source.kind, want))}); searched '
-          f'{sorted(set(os.path.basename(f) for f in weight_map.values()))}.')
+      return None, sorted(set(os.path.basename(f) for f in weight_map.values()))
     if file not in open_files:
       open_files[file] = safe_open(file, framework='np')
-    sl = open_files[file].get_slice(source.name)
-    found, expected = tuple(sl.get_shape()), _hf_shape(source.kind, want)
-    if found != expected:
-      raise CheckpointError(
-          f'{file}: tensor {source.name!r} has shape {list(found)}, expected '
-          f'{list(expected)} for the config in {path}/config.json.')
-    return sl
+    sl = open_files[file].get_slice(name)
+    return file, (sl, tuple(sl.get_shape()))
+
+  try:
+    params = place_params(config, lookup, where=path, mesh=mesh, rules=rules)
+  finally:
+    open_files.clear()
+  return config, params
+
+
+def place_params(config: TransformerConfig, lookup, *, where: str,
+                 mesh: jax.sharding.Mesh | None = None,
+                 rules=sharding_lib.DEFAULT_RULES):
+  """Builds our params from HF-named tensors, each leaf born in its sharding.
+
+  `lookup(hf_name)` returns (file, (sliceable, shape)) — anything indexable
+  with a tuple of slices, such as a safetensors slice or a numpy array — or
+  (None, files_searched) when the tensor is absent.
+  """
+  boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0),
+                         jnp.ones((1, 1), jnp.int32))['params']
+  abstract = nn.meta.unbox(boxed)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  else:
+    shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  sources = _sources(config)
 
   def load_leaf(key_path, leaf, sharding):
     key = tuple(k.key for k in key_path)
     source = sources.get(key)
     if source is None:
-      raise CheckpointError(f'No Hugging Face tensor maps onto param {key}.')
-    sl = hf_slice(source, leaf.shape)
+      raise CheckpointError(f'No checkpoint tensor maps onto param {key}.')
+    expected = _hf_shape(source.kind, leaf.shape)
+    file, found = lookup(source.name)
+    if file is None:
+      raise CheckpointError(
+          f'{where}: tensor {source.name!r} is missing (expected shape '
+          f'{list(expected)}); searched {found}.')
+    sliceable, shape = found
+    if shape != expected:
+      raise CheckpointError(
+          f'{file}: tensor {source.name!r} has shape {list(shape)}, expected '
+          f'{list(expected)} for the config of {where}.')
     read: Callable[[Any], np.ndarray] = functools.partial(
-        _read_block, sl, source.kind, leaf.shape)
+        _read_block, sliceable, source.kind, leaf.shape)
     return jax.make_array_from_callback(
         leaf.shape, sharding, lambda idx: np.asarray(read(idx), np.float32))
 
-  try:
-    params = jax.tree_util.tree_map_with_path(load_leaf, abstract, shardings)
-  finally:
-    open_files.clear()
-  return config, params
+  return jax.tree_util.tree_map_with_path(load_leaf, abstract, shardings)

@@ -77,3 +77,76 @@ class SentencePieceTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     specials = {self.bos_id, self.eos_id, self.pad_id}
     return self._sp.decode([int(i) for i in ids if int(i) not in specials])
+
+
+class HFTokenizer:
+  """A `tokenizers` (Hugging Face) tokenizer, from tokenizer.json or GGUF.
+
+  `chat_template` (jinja, as in tokenizer_config.json or GGUF metadata)
+  is rendered by `apply_chat_template`.
+  """
+
+  def __init__(self, tokenizer, *, bos_id: int | None, eos_id: int,
+               pad_id: int | None = None, chat_template: str | None = None):
+    self._tok = tokenizer
+    self.bos_id = bos_id
+    self.eos_id = eos_id
+    self.pad_id = eos_id if pad_id is None else pad_id
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.chat_template = chat_template
+
+  @classmethod
+  def from_file(cls, path: str, *, bos_token: str | None = None,
+                eos_token: str, chat_template: str | None = None
+                ) -> 'HFTokenizer':
+    import tokenizers as hf_tokenizers
+    tok = hf_tokenizers.Tokenizer.from_file(path)
+    bos = None if bos_token is None else tok.token_to_id(bos_token)
+    return cls(tok, bos_id=bos, eos_id=tok.token_to_id(eos_token),
+               chat_template=chat_template)
+
+  @classmethod
+  def from_gguf_bpe(cls, tokens: Sequence[str], merges: Sequence[str],
+                    token_types: Sequence[int], *, bos_id: int | None,
+                    eos_id: int, pad_id: int | None,
+                    chat_template: str | None) -> 'HFTokenizer':
+    """A GPT-2-style byte-level BPE from llama.cpp's `tokenizer.ggml.*` keys.
+
+    Token type 3 (control) and 4 (user-defined) become special tokens that
+    are matched whole in the text (e.g. `<|im_start|>`). Digits are split
+    one by one before byte-level BPE, as the SmolLM/llama-bpe pre-tokenizers
+    do.
+    """
+    import tokenizers as hf_tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(' ', 1)) for m in merges]
+    tok = hf_tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs,
+                                             fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    specials = [hf_tokenizers.AddedToken(t, special=True, normalized=False)
+                for t, kind in zip(tokens, token_types) if kind in (3, 4)]
+    tok.add_special_tokens(specials)
+    return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+               chat_template=chat_template)
+
+  def encode(self, text: str, *, add_bos: bool = False,
+             add_eos: bool = False) -> list[int]:
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+    return bos + ids + ([self.eos_id] if add_eos else [])
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def apply_chat_template(self, messages: Sequence[dict],
+                          add_generation_prompt: bool = True) -> str:
+    if not self.chat_template:
+      raise ValueError('This tokenizer has no chat template.')
+    import jinja2
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(self.chat_template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt)
