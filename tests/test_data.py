@@ -114,3 +114,23 @@ def test_bad_pipeline_arguments():
                         shard_count=2)
   with pytest.raises(ValueError, match='seq_len=0'):
     pipeline.lm_dataset(DOCS, seq_len=0, batch_size=2, seed=0)
+
+
+def test_hf_tokenizer_json_round_trips(tmp_path):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(
+      corpus.generate_corpus(300, seed=0),
+      trainers.BpeTrainer(vocab_size=400, special_tokens=['<s>', '</s>'],
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  path = str(tmp_path / 'tokenizer.json')
+  tok.save(path)
+  loaded = tokenizers.HFTokenizer.from_file(path, bos_token='<s>',
+                                            eos_token='</s>')
+  text = 'Ada lives in Grüßburg, 東京 — ok?'
+  ids = loaded.encode(text, add_bos=True, add_eos=True)
+  assert ids[0] == loaded.bos_id == 0 and ids[-1] == loaded.eos_id == 1
+  assert loaded.decode(ids) == text
+  assert ids[1:-1] == tok.encode(text).ids
