@@ -2,7 +2,8 @@ r"""Speed of the LM train step (MFU) and of the cached sampler, in one run.
 
     python -m benchmarks.lm [--d_model=512 --batch=32 --seq_len=256 ...]
 
-1. Peak: the FLOP/s of a large jitted float32 matmul on this machine, now.
+1. Peak: the FLOP/s of a large jitted matmul (in the compute dtype) on this
+   machine, now.
 2. Train step: a d_model=512 llama-style model, batch x seq_len tokens per
    step (8,192 by default); MFU = model FLOPs/s (6N + attention, see
    `TransformerConfig.flops_per_token`) / peak.
@@ -22,6 +23,7 @@ import time
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,10 +54,10 @@ def _best_seconds(fn, repeats: int) -> float:
   return min(times)
 
 
-def peak_matmul_flops(n: int) -> float:
-  """FLOP/s of an n x n x n float32 matmul (the machine's practical peak)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def peak_matmul_flops(n: int, dtype) -> float:
+  """FLOP/s of an n x n x n matmul in `dtype` (the machine's practical peak)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   return 2 * n ** 3 / _best_seconds(lambda: matmul(a, b), repeats=5)
 
@@ -93,7 +95,6 @@ def train_step_flops(config: TransformerConfig, batch: int, seq_len: int,
 def sampling_tokens_per_second(config: TransformerConfig, batch: int,
                                prompt_len: int, new_tokens: int):
   model = Transformer(config)
-  import flax.linen as nn
   params = nn.meta.unbox(model.init(jax.random.key(0),
                                     jnp.ones((1, 4), jnp.int32)))['params']
   prompts = jax.random.randint(jax.random.key(1), (batch, prompt_len), 1,
@@ -118,8 +119,10 @@ def main(argv):
       vocab_size=_VOCAB.value, d_model=_D_MODEL.value, num_layers=_LAYERS.value,
       num_heads=_D_MODEL.value // 64, num_kv_heads=_D_MODEL.value // 64,
       d_ff=3 * _D_MODEL.value, dtype=_DTYPE.value, max_len=4096)
-  peak = peak_matmul_flops(_MATMUL.value)
-  print(f'peak matmul ({_MATMUL.value}^3 float32): {peak / 1e9:.1f} GFLOP/s')
+  # The peak is measured in the compute dtype, so bfloat16 runs are not
+  # compared against a float32 peak.
+  peak = peak_matmul_flops(_MATMUL.value, config.compute_dtype)
+  print(f'peak matmul ({_MATMUL.value}^3 {_DTYPE.value}): {peak / 1e9:.1f} GFLOP/s')
   achieved, seconds = train_step_flops(config, _BATCH.value, _SEQ.value,
                                        _STEPS.value)
   tokens = _BATCH.value * _SEQ.value

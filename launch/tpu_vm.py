@@ -73,7 +73,10 @@ def setup_commands(args: argparse.Namespace) -> list[list[str]]:
 def run_command(args: argparse.Namespace) -> list[str]:
   # The remote side is a shell, so the forwarded args are quoted once more.
   program = shlex.join(['python3', '-m', args.module, *args.module_args])
-  return _ssh_command(args, f'cd {REMOTE_DIR} && {program}')
+  # Tell maybe_initialize_distributed() it is on a pod even if the ssh
+  # shell lacks the TPU environment variables.
+  return _ssh_command(
+      args, f'cd {REMOTE_DIR} && SLEEP_JAX_DISTRIBUTED=1 {program}')
 
 
 def delete_command(args: argparse.Namespace) -> list[str]:

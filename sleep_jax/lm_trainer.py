@@ -66,7 +66,11 @@ def validate_config(config) -> TransformerConfig:
         f'data.batch_size={data.batch_size} must be divisible by the mesh\'s '
         f'data*fsdp={batch_shards} and by the process count '
         f'{jax.process_count()}.')
-  sharding_lib.rules_from_config(config.sharding.rules)
+  rules = sharding_lib.rules_from_config(config.sharding.rules)
+  boxed = jax.eval_shape(Transformer(model_config).init, jax.random.key(0),
+                         jnp.ones((1, 1), jnp.int32))  # traces, never compiles
+  sharding_lib.check_divisible(boxed, dict(zip(sharding_lib.MESH_AXES, mesh)),
+                               rules)
   training.make_optimizer(config.optimizer, config.num_train_steps)
   return model_config
 
@@ -184,30 +188,29 @@ def train(config, workdir: str, *, stop_after: int | None = None
   last = {}
   t_start = time.perf_counter()
 
-  def flush(pending):
+  def flush(pending, force_log=False):
     step, dev_metrics = pending
     host = jax.device_get(dev_metrics)
     metrics_lib.check_finite(step, {'loss': host['loss'],
                                     'grad_norm': host['grad_norm']})
-    return step, host
+    if force_log or step % config.log_every_steps == 0:
+      writer.write(step, host)
+      progress.update(step, {'loss': host['loss']}, force=force_log)
+    return host
 
   try:
     for step in range(start + 1, last_step + 1):
       batch = _global_batch(next(data_iter), batch_shard)
       state, dev_metrics = step_fn(state, batch)
       if pending is not None:
-        done_step, host = flush(pending)
-        last = host
-        if done_step % config.log_every_steps == 0:
-          writer.write(done_step, host)
-          progress.update(done_step, {'loss': host['loss']})
+        last = flush(pending)
       pending = (step, dev_metrics)
       if step % config.checkpoint_every_steps == 0 and step != last_step:
+        last = flush(pending)  # never checkpoint a diverged state
+        pending = None
         ckpt.save(step, state, data_iter, metadata)
     if pending is not None:
-      done_step, last = flush(pending)
-      writer.write(done_step, last)
-      progress.update(done_step, {'loss': last['loss']}, force=True)
+      last = flush(pending, force_log=True)
     if last_step > start:
       ckpt.save(last_step, state, data_iter, metadata, force=True)
     ckpt.wait()

@@ -240,6 +240,9 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
   _check_args(prompt_tokens, prompt_lengths, max_new_tokens, temperature,
               top_k, top_p, padding_side)
+  if top_k > model.config.vocab_size:
+    raise ValueError(f'top_k={top_k} exceeds the vocabulary '
+                     f'({model.config.vocab_size}); use 0 to disable top-k.')
   fn = _sample_cached if use_cache else _sample_recompute
   return fn(model, params, prompt_tokens, prompt_lengths, rng,
             max_new_tokens=int(max_new_tokens), temperature=float(temperature),

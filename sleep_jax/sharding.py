@@ -42,16 +42,21 @@ _distributed_initialized = False
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` once when running multi-process.
 
-  Cloud TPU pods (and any launcher that sets JAX_COORDINATOR_ADDRESS or
-  SLURM/OMPI variables) need it before the first JAX call; on one host it is
-  a no-op. Every entry point calls this first.
+  Cloud TPU pods (and any launcher that sets JAX_COORDINATOR_ADDRESS,
+  TPU_WORKER_HOSTNAMES or SLURM variables) need it before the first JAX
+  call; on one host it is a no-op. SLEEP_JAX_DISTRIBUTED=1 forces it (the
+  TPU launcher sets it), =0 disables it. Every entry point calls this first.
   """
   global _distributed_initialized
   if _distributed_initialized:
     return
-  multi = (os.environ.get('JAX_COORDINATOR_ADDRESS')
-           or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
-           or int(os.environ.get('SLURM_NTASKS', '1')) > 1)
+  forced = os.environ.get('SLEEP_JAX_DISTRIBUTED')
+  if forced is not None:
+    multi = forced == '1'
+  else:
+    multi = (os.environ.get('JAX_COORDINATOR_ADDRESS')
+             or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
+             or int(os.environ.get('SLURM_NTASKS', '1')) > 1)
   if multi:
     jax.distributed.initialize()
     logging.info('jax.distributed initialised: process %d of %d',
@@ -130,6 +135,29 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args):
     tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)),
                    out_shardings=shardings)(*args)
   return tree, shardings
+
+
+def check_divisible(boxed_abstract_tree, mesh_sizes: Mapping[str, int], rules,
+                    key: str = 'sharding.rules') -> None:
+  """Fails (before any compilation) if a param dim cannot split evenly.
+
+  `mesh_sizes` maps mesh axis -> size (e.g. from `resolve_mesh_shape`).
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed_abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    if not isinstance(leaf, nn.Partitioned):
+      continue
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    for dim, logical, axes in zip(leaf.value.shape, leaf.names, spec):
+      axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+      ways = math.prod(mesh_sizes[a] for a in axes)
+      if dim % ways:
+        raise ValueError(
+            f'Param {jax.tree_util.keystr(path)} has {logical}={dim}, which '
+            f'does not split over mesh axes {list(axes)} of total size '
+            f'{ways}. Change the mesh (config.mesh), map {logical!r} to '
+            f'fewer axes in {key}, or pick a size divisible by {ways}.')
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:

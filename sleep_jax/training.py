@@ -35,6 +35,14 @@ def next_token_loss(logits_BxLxV, targets_BxL, mask_BxL):
   return jnp.sum(xent * mask) / jnp.maximum(tokens, 1.0), tokens
 
 
+def decay_mask(params):
+  """True for weight matrices; False for norm scales and biases."""
+  def decays(path, p):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    return p.ndim >= 2 and not name.endswith('bias') and name != 'scale'
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(opt: Mapping[str, Any], total_steps: int,
                    key: str = 'optimizer') -> optax.GradientTransformation:
   """AdamW with global-norm clipping and a warmup + cosine schedule.
@@ -57,7 +65,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int,
       optax.clip_by_global_norm(float(opt['grad_clip'])),
       optax.adamw(schedule, b1=float(opt['b1']), b2=float(opt['b2']),
                   eps=float(opt['eps']), weight_decay=float(opt['weight_decay']),
-                  mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+                  mask=decay_mask),
   ), schedule
 
 

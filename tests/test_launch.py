@@ -49,7 +49,7 @@ def test_create_spot_project_and_type():
 def test_run_forwards_module_and_args_to_all_workers():
   assert _dry_run('run', *COMMON, '--dry-run', '--', *MODULE) == [
       '$ gcloud compute tpus tpu-vm ssh lm --zone=us-central2-b --worker=all '
-      "'--command=cd ~/sleep_jax && python3 -m experiments.train_lm "
+      "'--command=cd ~/sleep_jax && SLEEP_JAX_DISTRIBUTED=1 python3 -m experiments.train_lm "
       '--config=experiments/configs/tiny_lm.py '
       "--workdir=gs://bucket/run'",
   ]
@@ -60,7 +60,7 @@ def test_run_quotes_args_for_the_remote_shell():
                    '--config.name=a b')
   assert lines == [
       '$ gcloud compute tpus tpu-vm ssh lm --zone=us-central2-b --worker=all '
-      "'--command=cd ~/sleep_jax && python3 -m experiments.train_lm "
+      "'--command=cd ~/sleep_jax && SLEEP_JAX_DISTRIBUTED=1 python3 -m experiments.train_lm "
       "'\"'\"'--config.name=a b'\"'\"''",
   ]
 
@@ -82,7 +82,7 @@ def test_all_runs_create_setup_run_delete_in_order():
       "'--command=cd ~/sleep_jax && pip install -r requirements.txt "
       "'\"'\"'jax[tpu]'\"'\"' && pip install -e .'",
       '$ gcloud compute tpus tpu-vm ssh lm --zone=us-central2-b --worker=all '
-      "'--command=cd ~/sleep_jax && python3 -m experiments.train_lm "
+      "'--command=cd ~/sleep_jax && SLEEP_JAX_DISTRIBUTED=1 python3 -m experiments.train_lm "
       '--config=experiments/configs/tiny_lm.py '
       "--workdir=gs://bucket/run'",
       '$ gcloud compute tpus tpu-vm delete lm --zone=us-central2-b --quiet',

@@ -36,13 +36,15 @@ def test_optimizer_schedule_and_weight_decay_mask():
   assert float(schedule(0)) == 0.0
   assert float(schedule(50)) == pytest.approx(3e-3)
   assert float(schedule(600)) == pytest.approx(3e-4)
-  params = {'w': np.ones((2, 2), np.float32), 'scale': np.ones((2,), np.float32)}
+  params = {'w': np.ones((2, 2), np.float32), 'scale': np.ones((2,), np.float32),
+            'q_bias': np.ones((2, 2), np.float32)}
   zero = jax.tree.map(np.zeros_like, params)
   state = tx.init(params)
   for _ in range(60):  # past warmup; zero grads -> only weight decay moves
     updates, state = tx.update(zero, state, params)
   assert np.all(np.asarray(updates['w']) < 0)
   assert np.all(np.asarray(updates['scale']) == 0)
+  assert np.all(np.asarray(updates['q_bias']) == 0)
 
 
 def _smoke_config(**overrides):
@@ -122,8 +124,17 @@ def test_divergence_names_the_step_and_metric(tmp_path):
   config = _smoke_config(**{'optimizer.learning_rate': 1e30,
                             'optimizer.warmup_steps': 0,
                             'optimizer.grad_clip': 1e30})
+  workdir = str(tmp_path / 'nan')
   with pytest.raises(FloatingPointError, match=r"at step \d+: metric '(loss|grad_norm)'"):
-    lm_trainer.train(config, str(tmp_path / 'nan'))
+    lm_trainer.train(config, workdir)
+  # No checkpoint holds non-finite params (it would be resumed from).
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  for step in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+    mngr = ocp.CheckpointManager(ckpt_dir, item_names=('state',))
+    state = mngr.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+    mngr.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
 def test_check_finite_names_metric():
@@ -139,6 +150,8 @@ def test_check_finite_names_metric():
     ({'data.source': 'tfrecord'}, "data.source='tfrecord'"),
     ({'optimizer.warmup_steps': 100}, 'optimizer.warmup_steps=100'),
     ({'data.batch_size': 6}, 'data.batch_size=6 must be divisible'),
+    ({'mesh.data': 2, 'mesh.tensor': 4},
+     r"kv_heads=2, which does not split over mesh axes \['tensor'\]"),
 ])
 def test_invalid_config_fails_before_compiling(tmp_path, compile_counter,
                                                overrides, message):
