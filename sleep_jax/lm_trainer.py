@@ -179,7 +179,7 @@ def train(config, workdir: str, *, stop_after: int | None = None
   step_fn = training.compile_train_step(model, optimizer, schedule,
                                         state_shardings, mesh, rules)
   batch_shard = sharding_lib.batch_sharding(mesh, rules)
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   last_step = min(total_steps, stop_after or total_steps)
   progress = metrics_lib.Progress(last_step, first_step=start)
   metadata = {'config': config.to_dict(), 'sleep_jax_version': sleep_jax.__version__,

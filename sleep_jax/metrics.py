@@ -20,15 +20,28 @@ class MetricWriter:
   nothing already logged.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
     self._active = jax.process_index() == 0
     if not self._active:
       return
     os.makedirs(workdir, exist_ok=True)
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self._drop_rows_after(resume_step)
     self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
     from tensorboardX import SummaryWriter  # heavy import, only when writing
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def _drop_rows_after(self, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: drop their rows."""
+    if not os.path.exists(self.jsonl_path):
+      return
+    with open(self.jsonl_path, encoding='utf-8') as f:
+      kept = [line for line in f
+              if line.strip() and json.loads(line)['step'] <= step]
+    tmp = self.jsonl_path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.jsonl_path)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:

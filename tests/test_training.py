@@ -98,6 +98,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   losses_a, losses_b = _losses(straight), _losses(resumed)
+  with open(os.path.join(resumed, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated rows after the resume
   for step in (4, 5, 6):  # steps run only after the resume
     assert losses_a[step] == losses_b[step]
   assert meta['config']['model']['d_model'] == config.model.d_model
