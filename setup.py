@@ -24,5 +24,9 @@ setuptools.setup(
         include=['sleep_jax', 'sleep_jax.*', 'experiments', 'experiments.*',
                  'benchmarks', 'benchmarks.*', 'launch']),
     install_requires=_requirements(),
-    extras_require={'test': ['pytest==9.2.0']},
+    extras_require={
+        'test': ['pytest==9.2.0'],
+        # tools/make_golden.py: the reference implementation for golden files.
+        'golden': ['torch==2.13.0', 'transformers==5.23.0'],
+    },
 )

@@ -2,7 +2,7 @@ r"""Writes tiny random HF checkpoints and their reference logits (the golden
 files under tests/testdata/hf_*), using PyTorch + transformers as the
 reference implementation.
 
-    pip install torch==2.13.0 transformers safetensors
+    pip install -e '.[golden]'
     python tools/make_golden.py            # rewrites tests/testdata/hf_*
 
 Three checkpoints, each a few tens of KB:
