@@ -32,7 +32,7 @@ from sleep_jax import metrics as metrics_lib
 from sleep_jax import sampling
 from sleep_jax import sharding as sharding_lib
 from sleep_jax import training
-from sleep_jax.checkpoints import Checkpointer, abstract_like
+from sleep_jax.checkpoints import Checkpointer
 from sleep_jax.data import corpus, pipeline, tokenizers
 from sleep_jax.models import Transformer, TransformerConfig, count_params
 
@@ -92,16 +92,16 @@ def prepare_data(config, workdir: str):
         train_texts, data.tokenizer_vocab_size)
     if jax.process_index() == 0:
       tokenizer.save(tok_path)
-  encode = lambda t: np.asarray(tokenizer.encode(t, add_bos=True, add_eos=True),
-                                np.int32)
-  train_docs = [encode(t) for t in train_texts]
-  eval_docs = [encode(t) for t in eval_texts]
+  encode = lambda texts: [
+      np.asarray(tokenizer.encode(t, add_bos=True, add_eos=True), np.int32)
+      for t in texts]
+  eval_docs = encode(eval_texts)
   if data.source == 'memory':
-    return tokenizer, train_docs, eval_docs
+    return tokenizer, encode(train_texts), eval_docs
   path = os.path.join(workdir, 'data', f'train-{jax.process_index()}.array_record')
-  if not os.path.exists(path):
+  if not os.path.exists(path):  # a resumed run reuses the tokenised corpus
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pipeline.write_array_record(path + '.tmp', train_docs)
+    pipeline.write_array_record(path + '.tmp', encode(train_texts))
     os.replace(path + '.tmp', path)
   return tokenizer, pipeline.ArrayRecordTokens(path), eval_docs
 
@@ -112,20 +112,16 @@ def _global_batch(local: Mapping[str, np.ndarray], batch_shard):
 
 
 def _eval_loss(model, params, eval_batches) -> float:
+  # Sums stay on device; one host transfer at the end.
   total, count = 0.0, 0.0
   for batch in eval_batches:
     loss, tokens = _eval_step(model, params, batch)
-    total += float(loss) * float(tokens)
-    count += float(tokens)
-  return total / max(count, 1.0)
+    total, count = total + loss * tokens, count + tokens
+  total, count = jax.device_get((total, count))
+  return float(total) / max(float(count), 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_step(model, params, batch):
-  logits = model.apply({'params': params}, batch['inputs'],
-                       positions=batch['positions'],
-                       segment_ids=batch['segment_ids'])
-  return training.next_token_loss(logits, batch['targets'], batch['mask'])
+_eval_step = jax.jit(training.lm_loss, static_argnums=0)
 
 
 def train(config, workdir: str, *, stop_after: int | None = None
@@ -155,26 +151,27 @@ def train(config, workdir: str, *, stop_after: int | None = None
   optimizer, schedule = training.make_optimizer(config.optimizer, total_steps)
 
   example = jnp.ones((1, config.data.seq_len), jnp.int32)
-  state, state_shardings = sharding_lib.init_sharded(
-      functools.partial(training.create_train_state, model, optimizer), mesh,
-      rules, jax.random.key(config.seed), example)
-  num_params = count_params(state.params)
-  logging.info('Model: %s params, config %s', f'{num_params:,}', model_config)
-  print(f'model: {num_params:,} parameters; mesh {dict(mesh.shape)}', flush=True)
-
+  init_args = (functools.partial(training.create_train_state, model, optimizer),
+               mesh, rules, jax.random.key(config.seed), example)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                      max_to_keep=config.keep_checkpoints)
+  start = ckpt.latest_step() or 0
   local_batch = config.data.batch_size // jax.process_count()
   dataset = pipeline.lm_dataset(
       train_source, seq_len=config.data.seq_len, batch_size=local_batch,
       seed=config.seed, packing=config.data.packing, pad_id=tokenizer.pad_id,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = iter(dataset)
-
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                      max_to_keep=config.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    state, _ = ckpt.restore(start, abstract_like(state), data_iter)
+  if start:  # restore straight into the shardings; never build a fresh state
+    abstract, state_shardings = sharding_lib.abstract_sharded(*init_args)
+    state, _ = ckpt.restore(start, abstract, data_iter)
     print(f'resumed from checkpoint step {start}', flush=True)
+  else:
+    state, state_shardings = sharding_lib.init_sharded(*init_args)
+  num_params = count_params(state.params)
+  logging.info('Model: %s params, config %s', f'{num_params:,}', model_config)
+  print(f'model: {num_params:,} parameters; mesh {dict(mesh.shape)}', flush=True)
+
 
   step_fn = training.compile_train_step(model, optimizer, schedule,
                                         state_shardings, mesh, rules)
@@ -218,10 +215,9 @@ def train(config, workdir: str, *, stop_after: int | None = None
     writer.close()
     ckpt.close()
 
-  eval_source = eval_docs
   eval_ds = pipeline.lm_dataset(
-      eval_source, seq_len=config.data.seq_len,
-      batch_size=min(config.data.batch_size, len(eval_source)),
+      eval_docs, seq_len=config.data.seq_len,
+      batch_size=min(config.data.batch_size, len(eval_docs)),
       seed=0, packing=False, shuffle=False, num_epochs=1, pad_id=tokenizer.pad_id)
   eval_loss = _eval_loss(model, state.params, list(eval_ds))
   prompt = tokenizer.encode(config.sample_prompt, add_bos=True)

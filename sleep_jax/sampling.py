@@ -119,9 +119,9 @@ def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
   if padding_side == 'left':
     prompt_BxP = to_right_padded(prompt_BxP, lengths_B)
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-  logits, cache = model.apply({'params': params}, prompt_BxP, cache=cache)
-  last_logits_BxV = jnp.take_along_axis(
-      logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  logits, cache = model.apply({'params': params}, prompt_BxP, cache=cache,
+                              logit_index=lengths_B - 1)
+  last_logits_BxV = logits[:, 0]
   choose = functools.partial(select_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p)
   rng, step_rng = jax.random.split(rng)

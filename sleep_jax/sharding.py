@@ -123,14 +123,26 @@ def logical_shardings(boxed_abstract_tree, mesh: Mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args):
+  """(ShapeDtypeStructs with shardings, shardings) of `init_fn(*args)`.
+
+  Traces only: nothing is allocated or compiled. Use it as a restore target.
+  """
+  boxed = jax.eval_shape(init_fn, *args)
+  shardings = logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules, *args):
   """Runs `init_fn(*args)` so every output leaf is born in its sharding.
 
   `init_fn` returns a tree of `nn.LogicallyPartitioned` boxes (e.g. a linen
   init, or a train state built from one). Returns (unboxed tree, shardings).
   """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_shardings(abstract, mesh, rules)
+  _, shardings = abstract_sharded(init_fn, mesh, rules, *args)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)),
                    out_shardings=shardings)(*args)

@@ -6,6 +6,7 @@ The step is a pure function `(state, batch) -> (state, metrics)`;
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -41,6 +42,14 @@ def decay_mask(params):
     name = str(getattr(path[-1], 'key', path[-1]))
     return p.ndim >= 2 and not name.endswith('bias') and name != 'scale'
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def lm_loss(model: nn.Module, params, batch: Mapping[str, jax.Array]):
+  """(masked next-token loss, token count) of `model` on one batch."""
+  logits = model.apply({'params': params}, batch['inputs'],
+                       positions=batch.get('positions'),
+                       segment_ids=batch.get('segment_ids'))
+  return next_token_loss(logits, batch['targets'], batch['mask'])
 
 
 def make_optimizer(opt: Mapping[str, Any], total_steps: int,
@@ -80,13 +89,8 @@ def train_step(model: nn.Module, optimizer, schedule, state: TrainState,
                batch: Mapping[str, jax.Array]):
   """One AdamW step on the masked next-token loss."""
 
-  def loss_fn(params):
-    logits = model.apply({'params': params}, batch['inputs'],
-                         positions=batch.get('positions'),
-                         segment_ids=batch.get('segment_ids'))
-    return next_token_loss(logits, batch['targets'], batch['mask'])
-
-  (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, tokens), grads = jax.value_and_grad(
+      functools.partial(lm_loss, model, batch=batch), has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),

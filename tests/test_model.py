@@ -179,3 +179,14 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert l16.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(l16 - l32))) < 0.1
   assert not np.array_equal(l16, l32)
+
+
+def test_logit_index_returns_that_position_only():
+  config = _tiny()
+  _, p = _init(config)
+  tokens = jax.random.randint(jax.random.key(3), (3, 6), 0, 61)
+  full = Transformer(config).apply({'params': p}, tokens)
+  index = jnp.array([5, 0, 2])
+  picked = Transformer(config).apply({'params': p}, tokens, logit_index=index)
+  assert picked.shape == (3, 1, 61)
+  np.testing.assert_allclose(picked[:, 0], full[jnp.arange(3), index], atol=1e-6)

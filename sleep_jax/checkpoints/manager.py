@@ -79,8 +79,3 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
-
-def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) of a tree of arrays."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -6,7 +6,9 @@ Call modes:
   optional `positions` and `segment_ids` (packed rows: tokens attend only
   within their segment).
 * cached decoding: `apply(vars, tokens_BxL, positions=pos_BxL, cache=cache)`
-  -> (logits, new_cache). The cache (see `init_cache`) is a plain pytree
+  -> (logits, new_cache).
+* `logit_index=int[B]` returns logits [B, 1, V] for that position of each
+  row only (prefill needs just the last prompt token). The cache (see `init_cache`) is a plain pytree
   passed in and out; slot s of the cache holds the token at absolute
   position s, and each query attends to the slots at or before its position.
 """
@@ -48,7 +50,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, *, positions=None, segment_ids=None,
-               cache=None):
+               cache=None, logit_index=None):
     cfg = self.config
     batch, length = tokens_BxL.shape
     if positions is None:
@@ -71,6 +73,10 @@ class Transformer(nn.Module):
           x_BxLxD, positions, segment_ids, layer_cache)
       new_cache.append(c)
 
+    if logit_index is not None:
+      # Only one position per row needs logits (e.g. the last prompt token at
+      # prefill): skip the [B, L, V] output projection.
+      x_BxLxD = jnp.take_along_axis(x_BxLxD, logit_index[:, None, None], axis=1)
     x_BxLxD = layers.RMSNorm(cfg.norm_eps, 'embed', cfg.compute_dtype,
                              name='final_norm')(x_BxLxD)
     if cfg.tie_embeddings:
