@@ -111,11 +111,11 @@ def _global_batch(local: Mapping[str, np.ndarray], batch_shard):
           for k, v in local.items()}
 
 
-def _eval_loss(model, params, eval_batches) -> float:
+def _eval_loss(model, params, model_state, eval_batches) -> float:
   # Sums stay on device; one host transfer at the end.
   total, count = 0.0, 0.0
   for batch in eval_batches:
-    loss, tokens = _eval_step(model, params, batch)
+    loss, tokens = _eval_step(model, params, batch, model_state)
     total, count = total + loss * tokens, count + tokens
   total, count = jax.device_get((total, count))
   return float(total) / max(float(count), 1.0)
@@ -219,12 +219,13 @@ def train(config, workdir: str, *, stop_after: int | None = None
       eval_docs, seq_len=config.data.seq_len,
       batch_size=min(config.data.batch_size, len(eval_docs)),
       seed=0, packing=False, shuffle=False, num_epochs=1, pad_id=tokenizer.pad_id)
-  eval_loss = _eval_loss(model, state.params, list(eval_ds))
+  eval_loss = _eval_loss(model, state.params, state.model_state, list(eval_ds))
   prompt = tokenizer.encode(config.sample_prompt, add_bos=True)
   out = sampling.sample(model, state.params, np.asarray([prompt], np.int32),
                         np.asarray([len(prompt)], np.int32),
                         max_new_tokens=config.sample_tokens,
-                        rng=jax.random.key(0), eos_id=tokenizer.eos_id)
+                        rng=jax.random.key(0), eos_id=tokenizer.eos_id,
+                        model_state=state.model_state)
   generated = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
   # Decode prompt and continuation together so word boundaries survive.
   text = tokenizer.decode(prompt + generated)

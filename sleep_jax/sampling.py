@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sleep_jax.models.transformer import init_cache
+from sleep_jax.models.transformer import init_cache, variables
 
 
 class SampleOutput(NamedTuple):
@@ -84,8 +84,21 @@ class _LoopState(NamedTuple):
   rng: jax.Array
 
 
-_STATIC_ARGS = ('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                'eos_id', 'pad_id', 'padding_side')
+_STATIC_ARGS = ('model', 'random_expert', 'max_new_tokens', 'temperature',
+                'top_k', 'top_p', 'eos_id', 'pad_id', 'padding_side')
+
+
+def _random_expert_args(rng, random_expert: bool):
+  """apply() kwargs for CMS random-expert injection at a decode step.
+
+  The injection key is folded out of the sampling key, so the token draws
+  are the same with and without injection for a given rng.
+  """
+  if not random_expert:
+    return lambda step: {}
+  expert_rng = jax.random.fold_in(rng, 0x5EED)
+  return lambda step: {'random_expert': True, 'rngs': {
+      'random_expert': jax.random.fold_in(expert_rng, step)}}
 
 
 def _initial_state(cache, lengths_B, rng, max_new_tokens, pad_id) -> _LoopState:
@@ -113,14 +126,17 @@ def _record(state: _LoopState, token_B, logprob_B, eos_id, pad_id):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
-def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
-                   temperature, top_k, top_p, eos_id, pad_id, padding_side):
+def _sample_cached(model, variables, prompt_BxP, lengths_B, rng, *,
+                   max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+                   padding_side, random_expert):
   batch, prompt_len = prompt_BxP.shape
+  expert_args = _random_expert_args(rng, random_expert)
   if padding_side == 'left':
     prompt_BxP = to_right_padded(prompt_BxP, lengths_B)
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-  logits, cache = model.apply({'params': params}, prompt_BxP, cache=cache,
-                              logit_index=lengths_B - 1)
+  logits, cache = model.apply(variables, prompt_BxP, cache=cache,
+                              logit_index=lengths_B - 1,
+                              **expert_args(0))
   last_logits_BxV = logits[:, 0]
   choose = functools.partial(select_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p)
@@ -136,8 +152,9 @@ def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s: _LoopState):
-    logits, cache = model.apply({'params': params}, s.last_token[:, None],
-                                positions=s.position[:, None], cache=s.cache)
+    logits, cache = model.apply(variables, s.last_token[:, None],
+                                positions=s.position[:, None], cache=s.cache,
+                                **expert_args(s.step))
     rng, step_rng = jax.random.split(s.rng)
     token_B, logprob_B = choose(logits[:, 0], step_rng)
     tokens, logprobs, lengths, done = _record(s, token_B, logprob_B, eos_id,
@@ -151,11 +168,12 @@ def _sample_cached(model, params, prompt_BxP, lengths_B, rng, *, max_new_tokens,
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
-def _sample_recompute(model, params, prompt_BxP, lengths_B, rng, *,
+def _sample_recompute(model, variables, prompt_BxP, lengths_B, rng, *,
                       max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
-                      padding_side):
+                      padding_side, random_expert):
   """Reference decoding without a cache: a full forward pass per new token."""
   batch, prompt_len = prompt_BxP.shape
+  expert_args = _random_expert_args(rng, random_expert)
   if padding_side == 'left':
     prompt_BxP = to_right_padded(prompt_BxP, lengths_B)
   width = prompt_len + max_new_tokens
@@ -172,7 +190,7 @@ def _sample_recompute(model, params, prompt_BxP, lengths_B, rng, *,
 
   def body(carry):
     s, buf = carry
-    logits = model.apply({'params': params}, buf)
+    logits = model.apply(variables, buf, **expert_args(s.step))
     last_logits_BxV = logits[rows, s.position - 1]
     rng, step_rng = jax.random.split(s.rng)
     token_B, logprob_B = choose(last_logits_BxV, step_rng)
@@ -215,7 +233,8 @@ def _check_args(prompt_tokens, prompt_lengths, max_new_tokens, temperature,
 def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
            max_new_tokens: int, rng, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
-           padding_side: str = 'right', use_cache: bool = True) -> SampleOutput:
+           padding_side: str = 'right', use_cache: bool = True,
+           model_state=None, random_expert: bool = False) -> SampleOutput:
   """Samples `max_new_tokens` continuations of a padded prompt batch.
 
   Args:
@@ -232,6 +251,10 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
     pad_id: fills tokens after a row has stopped.
     padding_side: 'right' or 'left'.
     use_cache: False runs the full-recompute reference decoder.
+    model_state: the model's non-param collections (a CMS model's expert
+      masks, {'cms': ...}); None for a plain model.
+    random_expert: CMS models only: every level adds one uniformly random
+      active expert per token (dreaming, DESIGN §5-6).
 
   Returns:
     SampleOutput(tokens int32[B, N], logprobs f32[B, N], lengths int32[B]).
@@ -244,7 +267,10 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
     raise ValueError(f'top_k={top_k} exceeds the vocabulary '
                      f'({model.config.vocab_size}); use 0 to disable top-k.')
   fn = _sample_cached if use_cache else _sample_recompute
-  return fn(model, params, prompt_tokens, prompt_lengths, rng,
+  if random_expert and model.config.mlp != 'cms':
+    raise ValueError("random_expert=True needs a CMS model (mlp='cms').")
+  return fn(model, variables(params, model_state), prompt_tokens,
+            prompt_lengths, rng, random_expert=bool(random_expert),
             max_new_tokens=int(max_new_tokens), temperature=float(temperature),
             top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
             pad_id=int(pad_id), padding_side=padding_side)

@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # A sensible default: batch over data+fsdp, weights' embed dim over fsdp
-# (ZeRO-3 style), heads/MLP/vocab over tensor (Megatron style).
+# (ZeRO-3 style), heads/MLP/vocab over tensor (Megatron style), CMS experts
+# over tensor (expert parallel).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('batch', ('data', 'fsdp')),
     ('length', None),
@@ -34,6 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('kv_heads', 'tensor'),
     ('head_dim', None),
     ('norm', None),
+    ('expert', 'tensor'),
+    ('rank', None),
 )
 
 _distributed_initialized = False

@@ -16,13 +16,21 @@ import jax.numpy as jnp
 import optax
 
 from sleep_jax import sharding as sharding_lib
+from sleep_jax.models import transformer
 
 
 @flax.struct.dataclass
 class TrainState:
+  """step, params, optimiser state, and the model's non-param state.
+
+  model_state holds the variable collections that are not trained, e.g. a
+  CMS model's expert masks ({'cms': ...}); it is {} for a plain model.
+  """
+
   step: jax.Array
   params: Any
   opt_state: Any
+  model_state: Any
 
 
 def next_token_loss(logits_BxLxV, targets_BxL, mask_BxL):
@@ -44,9 +52,11 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def lm_loss(model: nn.Module, params, batch: Mapping[str, jax.Array]):
+def lm_loss(model: nn.Module, params, batch: Mapping[str, jax.Array],
+            model_state=None):
   """(masked next-token loss, token count) of `model` on one batch."""
-  logits = model.apply({'params': params}, batch['inputs'],
+  logits = model.apply(transformer.variables(params, model_state),
+                       batch['inputs'],
                        positions=batch.get('positions'),
                        segment_ids=batch.get('segment_ids'))
   return next_token_loss(logits, batch['targets'], batch['mask'])
@@ -80,9 +90,10 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int,
 
 def create_train_state(model: nn.Module, optimizer, rng, example_tokens):
   """A boxed (logically partitioned) train state; see sharding.init_sharded."""
-  params = model.init(rng, example_tokens)['params']
+  variables = dict(model.init(rng, example_tokens))
+  params = variables.pop('params')
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params))
+                    opt_state=optimizer.init(params), model_state=variables)
 
 
 def train_step(model: nn.Module, optimizer, schedule, state: TrainState,
@@ -90,13 +101,15 @@ def train_step(model: nn.Module, optimizer, schedule, state: TrainState,
   """One AdamW step on the masked next-token loss."""
 
   (loss, tokens), grads = jax.value_and_grad(
-      functools.partial(lm_loss, model, batch=batch), has_aux=True)(state.params)
+      functools.partial(lm_loss, model, batch=batch,
+                        model_state=state.model_state),
+      has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': schedule(state.step), 'tokens': tokens}
-  return TrainState(step=state.step + 1, params=params,
-                    opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                    model_state=state.model_state), metrics
 
 
 def compile_train_step(model, optimizer, schedule, state_shardings, mesh, rules):

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_MLP_KINDS = ('swiglu',)
+_MLP_KINDS = ('swiglu', 'cms')
+CMS_OPTIMIZERS = ('sgd', 'adam', 'adamw')
 
 
 def _divisors(n: int) -> list[int]:
@@ -43,6 +44,102 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class CMSLevel:
+  """One level of the Continuum Memory System (DESIGN §2-3).
+
+  A level is a dense SwiGLU expert plus `num_experts` pre-allocated low-rank
+  experts (inactive until grown) behind a router. Levels are listed fastest
+  first; the last one is the slowest (the backbone MLP in pretrained mode).
+
+  Attributes:
+    chunk_size: C: the level's params change every C wake steps, by the
+      update accumulated over the chunk. 0 = never updated in wake (allowed
+      for trailing levels only). Each non-zero C must divide the next one.
+    width: hidden width of the dense expert; None = TransformerConfig.d_ff.
+    num_experts: E_max, the number of pre-allocated low-rank expert slots.
+    rank: r, the inner width of each low-rank expert; must be < width.
+    top_k: experts used per token, counting the dense expert, which is
+      always kept; the other top_k - 1 are the active low-rank experts with
+      the largest router logits. At most num_experts + 1.
+    learning_rate: wake learning rate of this level.
+    optimizer: wake optimiser of this level: 'sgd', 'adam' or 'adamw'.
+    update_dense: whether wake updates the dense expert too, or only the
+      active low-rank experts and their router rows.
+  """
+
+  chunk_size: int = 1
+  width: int | None = None
+  num_experts: int = 4
+  rank: int = 8
+  top_k: int = 2
+  learning_rate: float = 1e-2
+  optimizer: str = 'adam'
+  update_dense: bool = True
+
+  def validate(self, key: str) -> None:
+    """Raises ValueError naming `key.<field>`, the value and the fix."""
+    for name in ('num_experts', 'rank', 'top_k'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'{key}.{name}={value!r} is invalid: it must be an '
+                         'integer >= 1.')
+    if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+      raise ValueError(f'{key}.chunk_size={self.chunk_size!r} is invalid: it '
+                       'must be an integer >= 1, or 0 for "never updated in '
+                       'wake".')
+    if self.width is not None and (not isinstance(self.width, int)
+                                   or self.width < 1):
+      raise ValueError(f'{key}.width={self.width!r} is invalid: use a positive '
+                       'integer, or None for d_ff.')
+    if self.top_k > self.num_experts + 1:
+      raise ValueError(
+          f'{key}.top_k={self.top_k} is larger than the experts of the level '
+          f'(1 dense + num_experts={self.num_experts}); use top_k <= '
+          f'{self.num_experts + 1}.')
+    if self.learning_rate < 0:
+      raise ValueError(f'{key}.learning_rate={self.learning_rate} must be '
+                       '>= 0.')
+    if self.optimizer not in CMS_OPTIMIZERS:
+      raise ValueError(f'{key}.optimizer={self.optimizer!r} is invalid; valid: '
+                       f'{list(CMS_OPTIMIZERS)}.')
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], key: str) -> 'CMSLevel':
+    values = dict(values)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f'Unknown config key(s) {[f"{key}.{u}" for u in unknown]}'
+                       f'; valid keys: {sorted(fields)}.')
+    return cls(**values)
+
+
+def _validate_cms_levels(levels, d_ff: int, key: str) -> None:
+  if not levels:
+    raise ValueError(f"{key}=() is empty, but mlp='cms' needs at least one "
+                     'level (the last one is the slowest).')
+  for i, level in enumerate(levels):
+    level.validate(f'{key}[{i}]')
+    width = level.width or d_ff
+    if level.rank >= width:
+      raise ValueError(
+          f'{key}[{i}].rank={level.rank} must be smaller than the level width '
+          f'({width}); low-rank experts need rank < width.')
+  sizes = [level.chunk_size for level in levels]
+  for i in range(len(levels) - 1):
+    here, after = sizes[i], sizes[i + 1]
+    if here == 0 and after != 0:
+      raise ValueError(
+          f'{key}[{i}].chunk_size=0 (never updated) but level {i + 1} has '
+          f'chunk_size={after}; only the slowest, trailing levels may be 0.')
+    if here and after and after % here:
+      raise ValueError(
+          f'{key}[{i + 1}].chunk_size={after} is not a multiple of '
+          f'{key}[{i}].chunk_size={here}; each level\'s chunk size must divide '
+          f'the next (got {sizes}).')
+
+
+@dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """A decoder-only llama/qwen-family transformer.
 
@@ -66,7 +163,9 @@ class TransformerConfig:
       and logits are returned in float32.
     max_len: the longest sequence the model is meant for (used for sampler
       cache sizes and config checks, not by the math).
-    mlp: the kind of MLP in each block's MLP slot ('swiglu').
+    mlp: the kind of MLP in each block's MLP slot: 'swiglu', or 'cms' (a
+      chain of `cms_levels`, see sleep_jax.models.cms).
+    cms_levels: the CMS levels (fastest first) when mlp == 'cms'.
     remat: rematerialise each block in the backward pass (saves memory).
   """
 
@@ -86,6 +185,7 @@ class TransformerConfig:
   dtype: str = 'float32'
   max_len: int = 2048
   mlp: str = 'swiglu'
+  cms_levels: tuple[CMSLevel, ...] = ()
   remat: bool = False
 
   def __post_init__(self):
@@ -124,6 +224,16 @@ class TransformerConfig:
       raise ValueError(
           f'TransformerConfig.mlp={self.mlp!r} is invalid; valid: '
           f'{list(_MLP_KINDS)}.')
+    levels = tuple(l if isinstance(l, CMSLevel)
+                   else CMSLevel.from_dict(l, f'model.cms_levels[{i}]')
+                   for i, l in enumerate(self.cms_levels or ()))
+    object.__setattr__(self, 'cms_levels', levels)
+    if self.mlp == 'cms':
+      _validate_cms_levels(levels, self.d_ff, 'model.cms_levels')
+    elif levels:
+      raise ValueError(
+          f'TransformerConfig.cms_levels has {len(levels)} level(s) but '
+          f"mlp={self.mlp!r}; set mlp='cms' to use them, or cms_levels=().")
     if self.rope_theta <= 0:
       raise ValueError(
           f'TransformerConfig.rope_theta={self.rope_theta} must be positive.')
@@ -167,7 +277,12 @@ class TransformerConfig:
       attn += h * hd + 2 * kv * hd
     if self.qk_norm:
       attn += 2 * hd
-    mlp = 3 * d * self.d_ff
+    if self.mlp == 'cms':
+      mlp = sum(3 * d * (level.width or self.d_ff)
+                + level.num_experts * (2 * d * level.rank + d)
+                for level in self.cms_levels)
+    else:
+      mlp = 3 * d * self.d_ff
     per_layer = attn + mlp + 2 * d  # two RMSNorm scales
     total = self.num_layers * per_layer + d  # final norm
     if include_embedding:

@@ -162,33 +162,25 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-  """down(silu(gate(x)) * up(x)) — the llama/qwen MLP."""
+  """down(silu(gate(x)) * up(x)) — the llama/qwen MLP (hidden `width`)."""
 
   config: TransformerConfig
+  width: int | None = None  # None = config.d_ff
 
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.config
     dt = cfg.compute_dtype
+    width = self.width or cfg.d_ff
 
     def kernel(name, shape, axes, fan_in):
       return self.param(
           name, nn.with_logical_partitioning(_kernel_init(fan_in), axes),
           shape, jnp.float32).astype(dt)
 
-    gate = kernel('gate_kernel', (cfg.d_model, cfg.d_ff), ('embed', 'mlp'), cfg.d_model)
-    up = kernel('up_kernel', (cfg.d_model, cfg.d_ff), ('embed', 'mlp'), cfg.d_model)
-    down = kernel('down_kernel', (cfg.d_ff, cfg.d_model), ('mlp', 'embed'), cfg.d_ff)
+    gate = kernel('gate_kernel', (cfg.d_model, width), ('embed', 'mlp'), cfg.d_model)
+    up = kernel('up_kernel', (cfg.d_model, width), ('embed', 'mlp'), cfg.d_model)
+    down = kernel('down_kernel', (width, cfg.d_model), ('mlp', 'embed'), width)
     h_BxLxF = jax.nn.silu(x_BxLxD @ gate) * (x_BxLxD @ up)
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'mlp'))
     return h_BxLxF @ down
-
-
-def make_mlp(config: TransformerConfig, name: str) -> nn.Module:
-  """The MLP slot of a block: the one place a new MLP kind is plugged in.
-
-  Any module here maps x[B, L, D] -> y[B, L, D] (the block adds the residual).
-  """
-  if config.mlp == 'swiglu':
-    return SwiGLU(config, name=name)
-  raise ValueError(f'TransformerConfig.mlp={config.mlp!r} has no MLP module.')

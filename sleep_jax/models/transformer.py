@@ -7,6 +7,10 @@ Call modes:
   within their segment).
 * cached decoding: `apply(vars, tokens_BxL, positions=pos_BxL, cache=cache)`
   -> (logits, new_cache).
+* CMS models (`config.mlp == 'cms'`) also need their expert masks:
+  `apply({'params': p, 'cms': s}, ...)` (see `variables`); with
+  `random_expert=True` and `rngs={'random_expert': key}` each CMS level adds
+  one random active expert per token (dreaming).
 * `logit_index=int[B]` returns logits [B, 1, V] for that position of each
   row only (prefill needs just the last prompt token). The cache (see `init_cache`) is a plain pytree
   passed in and out; slot s of the cache holds the token at absolute
@@ -19,8 +23,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sleep_jax.models import cms
 from sleep_jax.models import layers
 from sleep_jax.models.config import TransformerConfig
+
+
+def variables(params, model_state=None) -> dict:
+  """The `apply` variables: params plus the non-trained state collections."""
+  return {'params': params, **(model_state or {})}
 
 
 class Block(nn.Module):
@@ -29,7 +39,8 @@ class Block(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache,
+               cms_active=None, random_key=None):
     cfg = self.config
     h = layers.RMSNorm(cfg.norm_eps, 'embed', cfg.compute_dtype,
                        name='attn_norm')(x_BxLxD)
@@ -38,7 +49,11 @@ class Block(nn.Module):
     x_BxLxD = x_BxLxD + attn_out
     h = layers.RMSNorm(cfg.norm_eps, 'embed', cfg.compute_dtype,
                        name='mlp_norm')(x_BxLxD)
-    x_BxLxD = x_BxLxD + layers.make_mlp(cfg, name='mlp')(h)
+    if cfg.mlp == 'cms':
+      mlp_out = cms.CMSChain(cfg, name='mlp')(h, cms_active, random_key)
+    else:
+      mlp_out = layers.SwiGLU(cfg, name='mlp')(h)
+    x_BxLxD = x_BxLxD + mlp_out
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed'))
     return x_BxLxD, new_cache
 
@@ -50,8 +65,9 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, *, positions=None, segment_ids=None,
-               cache=None, logit_index=None):
+               cache=None, logit_index=None, random_expert=False):
     cfg = self.config
+    cms_active, random_key = self._cms_inputs(random_expert)
     batch, length = tokens_BxL.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
@@ -69,8 +85,10 @@ class Transformer(nn.Module):
     new_cache = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache[i]
+      layer_key = (None if random_key is None
+                   else jax.random.fold_in(random_key, i))
       x_BxLxD, c = block_cls(cfg, name=f'layers_{i}')(
-          x_BxLxD, positions, segment_ids, layer_cache)
+          x_BxLxD, positions, segment_ids, layer_cache, cms_active, layer_key)
       new_cache.append(c)
 
     if logit_index is not None:
@@ -94,6 +112,27 @@ class Transformer(nn.Module):
     if cache is None:
       return logits_BxLxV
     return logits_BxLxV, new_cache
+
+
+  def _cms_inputs(self, random_expert: bool):
+    """The CMS expert masks (state) and the random-expert key, if any."""
+    cfg = self.config
+    if cfg.mlp != 'cms':
+      if random_expert:
+        raise ValueError("random_expert=True needs a CMS model (mlp='cms').")
+      return None, None
+    initial = cms.init_active_state(cfg)
+    if not self.is_initializing() and not self.has_variable(
+        cms.CMS_COLLECTION, cms.level_name(0)):
+      raise ValueError(
+          "This is a CMS model (mlp='cms'): pass its expert masks too, "
+          "apply({'params': params, 'cms': state}, ...) — see "
+          'transformer.variables(params, model_state).')
+    active = {name: self.variable(cms.CMS_COLLECTION, name,
+                                  lambda v=value: v).value
+              for name, value in initial.items()}
+    key = self.make_rng('random_expert') if random_expert else None
+    return active, key
 
 
 def init_cache(config: TransformerConfig, batch: int, max_len: int,
