@@ -1,0 +1,291 @@
+"""CMS levels (DESIGN §2-3): config checks, masked experts, growth and reset."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sleep_jax import growth
+from sleep_jax import sampling
+from sleep_jax.models import CMSLevel, Transformer, TransformerConfig
+from sleep_jax.models import count_params, variables
+
+BASE = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4,
+            num_kv_heads=2, d_ff=48, mlp='cms')
+
+
+def make(levels, **overrides):
+  config = TransformerConfig.from_dict(
+      {**BASE, 'cms_levels': levels, **overrides})
+  model = Transformer(config)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 10)),
+                       jnp.int32)
+  var = dict(nn.meta.unbox(model.init(jax.random.key(0), tokens)))
+  params = var.pop('params')
+  return model, params, var, tokens
+
+
+LEVELS = [dict(chunk_size=1, width=16, num_experts=3, rank=4, top_k=4),
+          dict(chunk_size=2, width=None, num_experts=2, rank=4, top_k=3)]
+
+
+def _fill_slots(params, level, value_seed):
+  """Random values in every expert slot of `level` (active or not)."""
+  rng = np.random.default_rng(value_seed)
+  def fill(path, x):
+    name = growth._level_leaf(path, level)
+    if name in ('lowrank_a', 'lowrank_b', 'router'):
+      return jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(fill, params)
+
+
+@pytest.mark.parametrize('levels,key,match', [
+    ([dict(chunk_size=2), dict(chunk_size=3)], 'cms_levels[1].chunk_size=3',
+     'not a multiple'),
+    ([dict(rank=48)], 'cms_levels[0].rank=48', 'smaller than the level width'),
+    ([dict(width=16, rank=16)], 'cms_levels[0].rank=16', 'rank < width'),
+    ([dict(num_experts=0)], 'cms_levels[0].num_experts=0', '>= 1'),
+    ([dict(num_experts=2, top_k=4)], 'cms_levels[0].top_k=4', 'larger than'),
+    ([dict(chunk_size=0), dict(chunk_size=4)], 'cms_levels[0].chunk_size=0',
+     'trailing'),
+    ([dict(optimizer='lion')], "cms_levels[0].optimizer='lion'", 'valid'),
+    ([dict(chunk=2)], 'model.cms_levels[0].chunk', 'Unknown'),
+    ([], 'model.cms_levels=()', 'at least one'),
+])
+def test_invalid_level_configs_fail_before_compiling(levels, key, match,
+                                                     compile_counter):
+  with compile_counter() as compiles:
+    with pytest.raises(ValueError, match=match) as err:
+      TransformerConfig.from_dict({**BASE, 'cms_levels': levels})
+  assert key in str(err.value)
+  assert compiles() == 0
+
+
+def test_cms_levels_need_mlp_cms():
+  with pytest.raises(ValueError, match="mlp='swiglu'"):
+    TransformerConfig.from_dict({**BASE, 'mlp': 'swiglu',
+                                 'cms_levels': [dict()]})
+
+
+def test_param_count_and_logical_axes():
+  model, params, state, tokens = make(LEVELS)
+  assert count_params(params) == model.config.num_params()
+  boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+  level = boxed['layers_0']['mlp']['level_0']
+  assert level['lowrank_a'].names == ('expert', 'embed', 'rank')
+  assert level['lowrank_b'].names == ('expert', 'rank', 'embed')
+  assert level['router'].names == ('embed', 'expert')
+  assert level['dense']['gate_kernel'].names == ('embed', 'mlp')
+  assert level['dense']['gate_kernel'].value.shape == (32, 16)
+  assert boxed['layers_0']['mlp']['level_1']['dense'][
+      'gate_kernel'].value.shape == (32, 48)  # width None -> d_ff
+  assert jax.tree.map(np.shape, state) == {'cms': {'level_0': (3,),
+                                                   'level_1': (2,)}}
+
+
+def test_cms_model_needs_its_state():
+  model, params, _, tokens = make(LEVELS)
+  with pytest.raises(ValueError, match="'cms': state"):
+    model.apply({'params': params}, tokens)
+
+
+def test_one_level_with_no_experts_is_the_plain_mlp_block():
+  plain = TransformerConfig.from_dict({**BASE, 'mlp': 'swiglu'})
+  tokens = jnp.arange(20, dtype=jnp.int32).reshape(2, 10)
+  p_plain = Transformer(plain).init(jax.random.key(1), tokens)['params']
+  model, params, state, _ = make([dict(num_experts=2, rank=4)])
+  for i in range(2):
+    params[f'layers_{i}'] = {
+        **p_plain[f'layers_{i}'],
+        'mlp': {'level_0': {**params[f'layers_{i}']['mlp']['level_0'],
+                            'dense': p_plain[f'layers_{i}']['mlp']}}}
+  for name in ('embed', 'final_norm'):
+    params[name] = p_plain[name]
+  want = Transformer(plain).apply({'params': p_plain}, tokens)
+  got = model.apply(variables(params, state), tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_growth_is_bit_identical_and_the_expert_is_live():
+  model, params, state, tokens = make(LEVELS)
+  forward = jax.jit(lambda v, t: model.apply(v, t))
+  logits = forward(variables(params, state), tokens)
+  # Grow into both levels, up to their top-k budgets (3 and 2 experts).
+  for level, slots in ((0, 3), (1, 2)):
+    for want_slot in range(slots):
+      params, state, slot = growth.grow(params, state, level,
+                                        jax.random.key(10 + want_slot))
+      assert slot == want_slot
+      grown = forward(variables(params, state), tokens)
+      np.testing.assert_array_equal(np.asarray(grown), np.asarray(logits))
+  a = params['layers_0']['mlp']['level_0']['lowrank_a']
+  assert np.all(np.asarray(jnp.std(a, axis=(1, 2))) > 0.05)  # A is random
+  # The same expert with B != 0 changes the output: the bit-identity above
+  # comes from B = 0, not from the expert being ignored.
+  b_path = params['layers_1']['mlp']['level_0']
+  b_path['lowrank_b'] = b_path['lowrank_b'].at[2].set(0.5)
+  changed = forward(variables(params, state), tokens)
+  assert float(jnp.max(jnp.abs(changed - logits))) > 1e-3
+
+
+def test_growth_past_e_max_names_level_and_key():
+  model, params, state, _ = make(LEVELS)
+  for _ in range(2):
+    params, state, _ = growth.grow(params, state, 1, jax.random.key(0))
+  with pytest.raises(ValueError) as err:
+    growth.grow(params, state, 1, jax.random.key(0))
+  msg = str(err.value)
+  assert 'level 1' in msg and 'E_max=2' in msg
+  assert 'model.cms_levels[1].num_experts' in msg
+
+
+def test_reset_frees_slots_for_the_next_grow():
+  model, params, state, tokens = make(LEVELS)
+  for _ in range(3):
+    params, state, _ = growth.grow(params, state, 0, jax.random.key(1))
+  params = _fill_slots(params, 0, 3)
+  params, state = growth.reset(params, state, 0, [0, 2])
+  assert growth.active_slots(state, 0) == [1]
+  level = params['layers_1']['mlp']['level_0']
+  for slot in (0, 2):
+    assert not np.any(np.asarray(level['lowrank_a'][slot]))
+    assert not np.any(np.asarray(level['lowrank_b'][slot]))
+    assert not np.any(np.asarray(level['router'][:, slot]))
+  assert np.any(np.asarray(level['lowrank_b'][1]))  # untouched
+  params, state, slot = growth.grow(params, state, 0, jax.random.key(2))
+  assert slot == 0
+  params, state, slot = growth.grow(params, state, 0, jax.random.key(2))
+  assert slot == 2
+  with pytest.raises(ValueError, match='out of range'):
+    growth.reset(params, state, 0, [3])
+
+
+def _loss(model, params, state, tokens):
+  logits = model.apply(variables(params, state), tokens[:, :-1])
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, tokens[:, 1:]))
+
+
+def test_inactive_experts_get_exactly_zero_gradient():
+  model, params, state, tokens = make(LEVELS)
+  params, state, _ = growth.grow(params, state, 0, jax.random.key(1))
+  params, state, _ = growth.grow(params, state, 0, jax.random.key(2))
+  # Non-zero values everywhere, so zero gradients come from the mask alone.
+  params = _fill_slots(_fill_slots(params, 0, 5), 1, 6)
+  grads = jax.grad(_loss, argnums=1)(model, params, state, tokens)
+  for layer in ('layers_0', 'layers_1'):
+    g0 = grads[layer]['mlp']['level_0']
+    assert np.all(np.asarray(g0['lowrank_a'][2]) == 0)      # inactive
+    assert np.all(np.asarray(g0['lowrank_b'][2]) == 0)
+    assert np.all(np.asarray(g0['router'][:, 2]) == 0)
+    assert np.any(np.asarray(g0['lowrank_b'][0]))           # active
+    assert np.any(np.asarray(g0['router'][:, 1]))
+    g1 = grads[layer]['mlp']['level_1']
+    for name in ('lowrank_a', 'lowrank_b', 'router'):
+      assert not np.any(np.asarray(g1[name]))               # none active
+
+
+def _np_level(x, dense, a, b, router, active, top_k):
+  """Numpy reference of one CMS level (DESIGN §3, our reading)."""
+  silu = lambda v: v / (1 + np.exp(-v))
+  y = (silu(x @ dense['gate_kernel']) * (x @ dense['up_kernel'])) @ dense[
+      'down_kernel']
+  logits = x @ router
+  for t in range(x.shape[0]):
+    order = [e for e in np.argsort(-logits[t], kind='stable') if active[e]]
+    for e in order[:top_k - 1]:
+      gate = 1 / (1 + np.exp(-logits[t, e]))
+      y[t] += gate * (silu(x[t] @ a[e]) @ b[e])
+  return y
+
+
+@pytest.mark.parametrize('top_k,active', [(2, [1, 1, 1, 0]), (3, [1, 0, 1, 1]),
+                                          (5, [0, 1, 1, 0]), (1, [1, 1, 1, 1])])
+def test_level_matches_numpy_reference(top_k, active):
+  from sleep_jax.models.cms import CMSLevelMoE
+  config = TransformerConfig.from_dict(
+      {**BASE, 'cms_levels': [dict(num_experts=4, rank=4, top_k=top_k)]})
+  level = CMSLevelMoE(config, config.cms_levels[0])
+  rng = np.random.default_rng(top_k)
+  x = rng.normal(size=(1, 7, 32)).astype(np.float32)
+  active = jnp.asarray(active, jnp.bool_)
+  params = nn.meta.unbox(level.init(jax.random.key(0), x, active))['params']
+  params = jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.4, jnp.float32),
+      params)
+  got = level.apply({'params': params}, x, active)
+  np_params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+  want = _np_level(x[0].astype(np.float64), np_params['dense'],
+                   np_params['lowrank_a'], np_params['lowrank_b'],
+                   np_params['router'], np.asarray(active), top_k)
+  np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_random_expert_adds_one_active_expert_per_token():
+  levels = [dict(num_experts=3, rank=4, top_k=1, width=16)]  # dense only
+  model, params, state, tokens = make(levels)
+  params, state, slot = growth.grow(params, state, 0, jax.random.key(3))
+  params = _fill_slots(params, 0, 9)
+  dense_only = model.apply(variables(params, state), tokens)
+  injected = model.apply(variables(params, state), tokens, random_expert=True,
+                         rngs={'random_expert': jax.random.key(0)})
+  # With one active expert the random pick is always it: the same as a
+  # model whose top-k admits it.
+  with_it = Transformer(TransformerConfig.from_dict(
+      {**BASE, 'cms_levels': [dict(levels[0], top_k=2)]}))
+  want = with_it.apply(variables(params, state), tokens)
+  np.testing.assert_allclose(np.asarray(injected), np.asarray(want),
+                             atol=1e-6)
+  assert float(jnp.max(jnp.abs(injected - dense_only))) > 1e-3
+  out = sampling.sample(model, params, tokens[:, :4], np.array([4, 3]),
+                        max_new_tokens=3, rng=jax.random.key(1),
+                        model_state=state, random_expert=True)
+  assert out.tokens.shape == (2, 3)
+  plain = TransformerConfig.from_dict({**BASE, 'mlp': 'swiglu'})
+  with pytest.raises(ValueError, match='CMS model'):
+    sampling.sample(Transformer(plain), {}, tokens[:, :4], np.array([4, 3]),
+                    max_new_tokens=3, rng=jax.random.key(1),
+                    random_expert=True)
+
+
+def test_masked_optimizer_changes_only_the_unlocked_slot():
+  model, params, state, tokens = make(LEVELS)
+  for _ in range(2):
+    params, state, _ = growth.grow(params, state, 1, jax.random.key(4))
+  params = _fill_slots(params, 1, 2)
+  mask = growth.expert_mask(params, 1, jnp.array([False, True]))
+  tx = growth.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
+  opt_state = tx.init(params)
+  trained_leaves = len(jax.tree.leaves(opt_state))
+  assert trained_leaves < len(jax.tree.leaves(params))  # frozen: no moments
+
+  @jax.jit
+  def step(params, opt_state, mask):
+    grads = jax.grad(_loss, argnums=1)(model, params, state, tokens)
+    grads = growth.mask_tree(grads, mask)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return growth.apply_masked_updates(params, updates, mask), opt_state
+
+  new = params
+  for _ in range(3):
+    new, opt_state = step(new, opt_state, mask)
+  flat_old = jax.tree_util.tree_leaves_with_path(params)
+  flat_new = jax.tree.leaves(new)
+  for (path, old), fresh in zip(flat_old, flat_new):
+    name = growth._level_leaf(path, 1)
+    old, fresh = np.asarray(old), np.asarray(fresh)
+    if name in ('lowrank_a', 'lowrank_b'):
+      assert np.array_equal(old[0], fresh[0]) and not np.array_equal(old[1], fresh[1])
+    elif name == 'router':
+      assert np.array_equal(old[:, 0], fresh[:, 0])
+      assert not np.array_equal(old[:, 1], fresh[:, 1])
+    else:
+      assert np.array_equal(old, fresh), jax.tree_util.keystr(path)
+
+
+def test_cms_level_validate_standalone():
+  with pytest.raises(ValueError, match='x.top_k=0'):
+    CMSLevel(top_k=0).validate('x')
