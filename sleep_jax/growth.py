@@ -87,6 +87,14 @@ def zero_slots(tree, level: int, slots_E):
   return jax.tree_util.tree_map_with_path(clear, tree)
 
 
+def _placed_like(tree, reference):
+  """`tree` on the shardings of `reference`, so a grown model stays where the
+  compiled steps expect it (no resharding inside them, no recompilation)."""
+  return jax.tree.map(
+      lambda x, ref: jax.device_put(x, ref.sharding)
+      if isinstance(ref, jax.Array) else x, tree, reference)
+
+
 @functools.partial(jax.jit, static_argnames='level')
 def _grow_slot(params, state, slot, rng, *, level: int):
   num_experts = _active(state, level).shape[0]
@@ -127,7 +135,8 @@ def grow(params, state, level: int, rng) -> tuple[Any, Any, int]:
         f'model.cms_levels[{level}].num_experts, or reset consolidated '
         'experts of this level before growing again.')
   slot = int(free[0])
-  params, state = _grow_slot(params, state, jnp.int32(slot), rng, level=level)
+  grown = _grow_slot(params, state, jnp.int32(slot), rng, level=level)
+  params, state = _placed_like(grown, (params, state))
   return params, state, slot
 
 
@@ -150,7 +159,8 @@ def reset(params, state, level: int, slots: Iterable[int]) -> tuple[Any, Any]:
                      f'{level}, which has E_max={num_experts} slots.')
   slots_E = np.zeros((num_experts,), np.bool_)
   slots_E[slots] = True
-  return _reset_slots(params, state, jnp.asarray(slots_E), level=level)
+  out = _reset_slots(params, state, jnp.asarray(slots_E), level=level)
+  return _placed_like(out, (params, state))
 
 
 # ----------------------------------------------------------------- masks ---

@@ -289,3 +289,79 @@ def test_masked_optimizer_changes_only_the_unlocked_slot():
 def test_cms_level_validate_standalone():
   with pytest.raises(ValueError, match='x.top_k=0'):
     CMSLevel(top_k=0).validate('x')
+
+
+def test_pretrained_backbone_mode_keeps_logits_and_trains_fast_levels():
+  import pathlib
+  from sleep_jax import wake
+  from sleep_jax.checkpoints import load_hf_checkpoint
+  from sleep_jax.models import cms
+  path = pathlib.Path(__file__).parent / 'testdata' / 'hf_llama'
+  config, params = load_hf_checkpoint(path)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(
+      0, config.vocab_size, (2, 9)), jnp.int32)
+  want = Transformer(config).apply({'params': params}, tokens)
+  fast = [CMSLevel(chunk_size=1, width=64, num_experts=2, rank=4,
+                   optimizer='sgd', learning_rate=0.1)]
+  slow = CMSLevel(chunk_size=0, num_experts=2, rank=4)
+  cms_config, cms_params, state = cms.add_fast_levels(
+      config, params, fast, slow, jax.random.key(0))
+  assert cms_config.cms_levels[-1].width is None
+  model = Transformer(cms_config)
+  got = model.apply(variables(cms_params, state), tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Active parameters: the backbone plus the small fast levels only.
+  fast_dense = config.num_layers * 3 * config.d_model * 64
+  assert cms.active_param_count(cms_config, state) == (
+      config.num_params() + fast_dense)
+  backbone = jax.tree.map(np.asarray, cms_params['layers_0']['mlp']['level_1'])
+  ws = wake.init_wake_state(cms_config, cms_params, state)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'mask': jnp.ones((2, 8), jnp.float32)}
+  for _ in range(3):
+    ws, _ = jax.jit(lambda s, b: wake.wake_step(model, s, b, False))(ws, batch)
+  jax.tree.map(np.testing.assert_array_equal, backbone,
+               jax.tree.map(np.asarray, ws.params['layers_0']['mlp']['level_1']))
+  moved = ws.params['layers_0']['mlp']['level_0']['dense']['down_kernel']
+  assert float(jnp.max(jnp.abs(moved))) > 0  # the fast level learned
+  with pytest.raises(ValueError, match='plain backbone'):
+    cms.add_fast_levels(cms_config, cms_params, fast, slow, jax.random.key(0))
+
+
+def test_forward_and_train_step_compile_once_across_grows(compile_counter):
+  import functools
+  from sleep_jax import sharding, training
+  model, _, _, tokens = make(LEVELS)
+  tx = optax.adamw(1e-3)
+  mesh = sharding.make_mesh({'data': 1}, devices=jax.devices()[:1])
+  rules = sharding.DEFAULT_RULES
+  state, shardings = sharding.init_sharded(
+      functools.partial(training.create_train_state, model, tx), mesh, rules,
+      jax.random.key(0), tokens)
+  step = training.compile_train_step(model, tx, lambda s: 1e-3, shardings,
+                                     mesh, rules)
+  forward = jax.jit(lambda v, t: model.apply(v, t))
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'mask': jnp.ones((2, 9), jnp.float32)}
+  state, _ = step(state, batch)
+  forward(variables(state.params, state.model_state), tokens)
+  for level in (0, 1):  # growth's own small programs compile once per level
+    p, s, _ = growth.grow(state.params, state.model_state, level,
+                          jax.random.key(0))
+    growth.reset(p, s, level, [0])
+  with compile_counter() as compiles:
+    for t in range(6):
+      params, model_state = state.params, state.model_state
+      level = t % 2
+      if growth.active_slots(model_state, level) and t % 3 == 2:
+        params, model_state = growth.reset(
+            params, model_state, level, growth.active_slots(model_state, level))
+      else:
+        params, model_state, _ = growth.grow(params, model_state, level,
+                                             jax.random.key(t))
+      state = state.replace(params=params, model_state=model_state)
+      state, metrics = step(state, batch)
+      forward(variables(state.params, state.model_state), tokens)
+    jax.block_until_ready(metrics)
+  assert compiles() == 0
+  assert step.jitted._cache_size() == 1 and forward._cache_size() == 1

@@ -39,6 +39,7 @@ active low-rank expert per token on top of the top-k (dreaming, DESIGN §5).
 
 from __future__ import annotations
 
+from dataclasses import replace as dataclasses_replace
 import math
 
 import flax.linen as nn
@@ -142,3 +143,63 @@ class CMSChain(nn.Module):
 def lowrank_init_stddev(config: TransformerConfig) -> float:
   """Stddev of A for a newly grown expert (B starts at zero)."""
   return 1.0 / math.sqrt(config.d_model)
+
+
+def active_param_count(config: TransformerConfig, model_state) -> int:
+  """Parameters that take part in the forward pass.
+
+  Counts every dense expert and the active low-rank experts (A, B and their
+  router row); inactive pre-allocated slots are excluded.
+  """
+  if config.mlp != 'cms':
+    return config.num_params()
+  d = config.d_model
+  inactive = 0
+  for l, lvl in enumerate(config.cms_levels):
+    active = int(jnp.sum(model_state[CMS_COLLECTION][level_name(l)]))
+    inactive += (lvl.num_experts - active) * (2 * d * lvl.rank + d)
+  return config.num_params() - config.num_layers * inactive
+
+
+def add_fast_levels(config: TransformerConfig, params,
+                    fast_levels, slowest: CMSLevel, rng):
+  """Pretrained-backbone mode (DESIGN §2): small fast CMS levels before the MLP.
+
+  Takes a plain model (e.g. from `load_hf_checkpoint` / `load_gguf`) and
+  returns (cms_config, params, model_state) where each block's MLP slot is
+  `fast_levels` (fastest first, e.g. width 64) followed by the backbone's own
+  MLP as the slowest level (`slowest` gives its chunk size, expert slots and
+  optimiser; its width is the backbone's d_ff). New fast levels start with a
+  zero down-projection and no active experts, so the returned model computes
+  exactly the backbone's logits.
+  """
+  if config.mlp != 'swiglu':
+    raise ValueError(f'add_fast_levels needs a plain backbone (mlp="swiglu"); '
+                     f'got mlp={config.mlp!r}.')
+  if slowest.width not in (None, config.d_ff):
+    raise ValueError(f'the slowest level is the backbone MLP: its width must be '
+                     f'None or d_ff={config.d_ff}; got {slowest.width}.')
+  levels = tuple(fast_levels) + (dataclasses_replace(slowest, width=None),)
+  cms_config = dataclasses_replace(config, mlp='cms', cms_levels=levels)
+  x = jnp.zeros((1, 1, config.d_model), cms_config.compute_dtype)
+  state = init_active_state(cms_config)
+  out = {k: v for k, v in params.items() if not k.startswith('layers_')}
+  last = len(levels) - 1
+  for i in range(config.num_layers):
+    layer = dict(params[f'layers_{i}'])
+    backbone_mlp = layer['mlp']
+    slot = {}
+    for l, lvl in enumerate(levels):
+      key = jax.random.fold_in(jax.random.fold_in(rng, i), l)
+      fresh = nn.meta.unbox(CMSLevelMoE(cms_config, lvl).init(
+          key, x, state[level_name(l)])['params'])
+      if l == last:
+        fresh['dense'] = backbone_mlp
+      else:
+        dense = dict(fresh['dense'])
+        dense['down_kernel'] = jnp.zeros_like(dense['down_kernel'])
+        fresh['dense'] = dense
+      slot[level_name(l)] = fresh
+    layer['mlp'] = slot
+    out[f'layers_{i}'] = layer
+  return cms_config, out, {CMS_COLLECTION: state}

@@ -1,0 +1,28 @@
+r"""The CMS wake study: online fast levels vs frozen MLPs on a stream of facts.
+
+    python -m experiments.cms_recall --config=experiments/configs/cms_recall.py \
+        --workdir=/tmp/cms_recall
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sleep_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'experiments/configs/cms_recall.py',
+    'Path to a config file, optionally with ":variant".', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/cms_recall', 'Output directory.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  sharding.maybe_initialize_distributed()
+  from sleep_jax import wake_recall  # after distributed init, by design
+  wake_recall.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Generated tasks: fictional worlds with closed-book questions."""

@@ -1,0 +1,57 @@
+"""Closed-book evaluation: does the model complete a prompt with the answer?
+
+An item is (prompt, answer) text. It counts as recalled when, fed
+`BOS + prompt + answer`, the model's argmax at every answer position is the
+answer's next token — the same as greedy decoding producing the answer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sleep_jax.models import transformer
+
+
+def encode_items(tokenizer, items: Sequence[tuple[str, str]], length: int
+                 ) -> dict[str, np.ndarray]:
+  """Right-padded arrays: inputs [N, length], targets, answer mask."""
+  n = len(items)
+  inputs = np.full((n, length), tokenizer.pad_id, np.int32)
+  targets = np.full((n, length), tokenizer.pad_id, np.int32)
+  answer = np.zeros((n, length), np.float32)
+  for i, (prompt, reply) in enumerate(items):
+    head = tokenizer.encode(prompt, add_bos=True)
+    full = tokenizer.encode(prompt + reply, add_bos=True)
+    if full[:len(head)] != head or len(full) == len(head):
+      raise ValueError(f'item {i}: the answer {reply!r} does not tokenise as '
+                       f'a suffix of the prompt {prompt!r}.')
+    if len(full) > length + 1:
+      raise ValueError(f'item {i} has {len(full)} tokens; raise the eval '
+                       f'length (now {length}).')
+    inputs[i, :len(full) - 1] = full[:-1]
+    targets[i, :len(full) - 1] = full[1:]
+    answer[i, len(head) - 1:len(full) - 1] = 1.0
+  return {'inputs': inputs, 'targets': targets, 'answer_mask': answer}
+
+
+def recall_accuracy(model, params, model_state, encoded, batch_size: int = 256
+                    ) -> float:
+  """Fraction of items whose whole answer is the model's argmax."""
+  correct = []
+  for start in range(0, len(encoded['inputs']), batch_size):
+    chunk = {k: v[start:start + batch_size] for k, v in encoded.items()}
+    correct.append(np.asarray(_correct(model, params, model_state, chunk)))
+  return float(np.concatenate(correct).mean()) if correct else float('nan')
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _correct(model, params, model_state, batch):
+  logits = model.apply(transformer.variables(params, model_state),
+                       batch['inputs'])
+  hit = (jnp.argmax(logits, -1) == batch['targets']) | (batch['answer_mask'] == 0)
+  return jnp.all(hit, axis=-1)
