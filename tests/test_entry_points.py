@@ -59,3 +59,32 @@ def test_benchmark_prints_mfu_and_sampling_ratio_last():
   lines = proc.stdout.strip().splitlines()
   assert re.fullmatch(r'MFU: \d+(\.\d+)?%', lines[-2])
   assert re.fullmatch(r'sampling speedup cached/recompute: \d+(\.\d+)?x', lines[-1])
+
+
+def test_cms_recall_smoke_writes_results(tmp_path):
+  proc = _run('experiments.cms_recall',
+              '--config=experiments/configs/cms_recall.py:smoke',
+              f'--workdir={tmp_path}')
+  results = json.load(open(tmp_path / 'results.json'))
+  for method in ('frozen', 'online'):
+    acc = results['methods'][method]['acc_matrix']
+    assert len(acc) == 2 and acc[0][1] is None and 0 <= acc[1][0] <= 1
+  assert 'method   | recall' in proc.stdout
+
+
+def test_tiny_lm_cms_variants_and_bad_levels_fail_early():
+  from experiments.configs import tiny_lm
+  from sleep_jax import lm_trainer
+  for n in (2, 3, 4):
+    config = tiny_lm.get_config(f'smoke,cms{n}')
+    model_config = lm_trainer.validate_config(config)
+    assert len(model_config.cms_levels) == n
+    assert [l.chunk_size for l in model_config.cms_levels] == [4 ** i for i in range(n)]
+  config = tiny_lm.get_config('cms3')
+  config.model.cms_levels[1]['chunk_size'] = 3
+  with pytest.raises(ValueError, match=r'model.cms_levels\[1\].chunk_size=3'):
+    lm_trainer.validate_config(config)
+  proc = _run('experiments.cms_recall',
+              '--config=experiments/configs/cms_recall.py:smoke',
+              '--config.model.mlp=swiglu', '--workdir=/tmp/unused', check=False)
+  assert proc.returncode != 0 and 'cms_levels' in proc.stderr

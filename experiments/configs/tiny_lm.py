@@ -18,6 +18,12 @@ Smoke (106,816 params, 20 steps; for CI and for checking a setup):
   Expected: ~10 seconds on CPU, most of it compiling; loss falls from ~6.3
   (step 5) to ~4.6 (step 20), eval loss ~4.6.
 
+CMS variants (`:cms2`, `:cms3`, `:cms4`; combine with smoke as
+`:smoke,cms3`) make the MLP slot a chain of 2-4 CMS levels: fast levels of
+width 64 (chunk sizes 1, 4, 16) before a slow level of width d_ff, each with
+4 low-rank expert slots of rank 8. The stream of facts those levels learn
+from online is experiments/configs/cms_recall.py.
+
 Any field can be overridden, e.g. `--config.model.num_layers=2`,
 `--config.optimizer.learning_rate=1e-3`, `--config.mesh.data=-1`.
 Re-running the same command in the same workdir resumes.
@@ -28,6 +34,17 @@ import ml_collections
 from sleep_jax.sharding import DEFAULT_RULES
 
 
+def cms_levels(num_levels: int) -> list[dict]:
+  """num_levels CMS levels: fast width-64 levels, then a slow width-d_ff one."""
+  fast = [dict(chunk_size=4 ** i, width=64, num_experts=4, rank=8, top_k=2,
+               learning_rate=1e-3, optimizer='adam', update_dense=True)
+          for i in range(num_levels - 1)]
+  slow = dict(chunk_size=4 ** (num_levels - 1), width=None, num_experts=4,
+              rank=8, top_k=2, learning_rate=1e-4, optimizer='adam',
+              update_dense=True)
+  return fast + [slow]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -35,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       vocab_size=512, d_model=128, num_layers=6, num_heads=4, num_kv_heads=2,
       d_ff=512, head_dim=None, rope_theta=10_000.0, rope_scaling=None,
       norm_eps=1e-6, qkv_bias=False, qk_norm=False, tie_embeddings=True,
-      dtype='float32', max_len=512, mlp='swiglu', remat=False))
+      dtype='float32', max_len=512, mlp='swiglu', cms_levels=[], remat=False))
   config.data = ml_collections.ConfigDict(dict(
       source='array_record',  # or 'memory'
       num_documents=20_000, eval_documents=256, corpus_seed=0,
@@ -53,7 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample_prompt = 'Ada lives in'
   config.sample_tokens = 24
 
-  if arg == 'smoke':
+  variants = [v for v in (arg or '').split(',') if v]
+  unknown = [v for v in variants if v not in ('smoke', 'cms2', 'cms3', 'cms4')]
+  if unknown:
+    raise ValueError(f'Unknown variant(s) {unknown} of tiny_lm.py; valid: "" '
+                     '(default), "smoke", "cms2", "cms3", "cms4" '
+                     '(comma-separated, e.g. "smoke,cms3").')
+  for variant in variants:
+    if variant.startswith('cms'):
+      config.model.mlp = 'cms'
+      config.model.cms_levels = cms_levels(int(variant[-1]))
+  if 'smoke' in variants:
     config.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         d_ff=128)
     config.data.update(num_documents=2_000, eval_documents=32, seq_len=64,
@@ -63,7 +90,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 5
     config.checkpoint_every_steps = 10
     config.sample_tokens = 8
-  elif arg not in (None, ''):
-    raise ValueError(f'Unknown variant {arg!r} of tiny_lm.py; valid: "" '
-                     '(default) or "smoke".')
   return config
