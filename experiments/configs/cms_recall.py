@@ -20,7 +20,7 @@ from sleep_jax.sharding import DEFAULT_RULES
 def _levels(n: int):
   """n CMS levels: n-1 fast levels (width 64) and a slow one (width 256)."""
   fast = [dict(chunk_size=2 ** i, width=64, num_experts=4, rank=8, top_k=2,
-               learning_rate=3e-3, optimizer='adam', update_dense=True)
+               learning_rate=3e-4, optimizer='adam', update_dense=True)
           for i in range(n - 1)]
   slow = dict(chunk_size=0, width=256, num_experts=4, rank=8, top_k=2,
               learning_rate=0.0, optimizer='adam', update_dense=False)
