@@ -87,7 +87,8 @@ def with_level_params(params, level_tree):
   return out
 
 
-def _check_cms(config: TransformerConfig) -> None:
+def check_config(config: TransformerConfig) -> None:
+  """Fails (before compiling) unless `config` is a CMS model with a wake level."""
   if config.mlp != 'cms':
     raise ValueError(f"wake needs a CMS model: model.mlp={config.mlp!r}; set "
                      "model.mlp='cms' and model.cms_levels.")
@@ -99,7 +100,7 @@ def _check_cms(config: TransformerConfig) -> None:
 
 def init_wake_state(config: TransformerConfig, params, model_state) -> WakeState:
   """A wake state at the start of a session (works on boxed trees too)."""
-  _check_cms(config)
+  check_config(config)
   levels = wake_levels(config)
   opt_states = tuple(
       level_optimizer(config.cms_levels[l]).init(level_params(params, l))

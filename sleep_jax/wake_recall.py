@@ -46,7 +46,7 @@ def validate_config(config) -> TransformerConfig:
   if model_config.mlp != 'cms':
     raise ValueError(f"model.mlp={model_config.mlp!r}: the wake study needs a "
                      "CMS model (model.mlp='cms').")
-  wake._check_cms(model_config)
+  wake.check_config(model_config)
   for key in ('base_people', 'sessions', 'people_per_session',
               'steps_per_session', 'batch_size'):
     if int(config.stream[key]) < 1:
