@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Iterable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,13 @@ def _slot_view(leaf_name: str, slots_E):
   if leaf_name == 'router':
     return slots_E[None, :]          # router [D, E]
   return slots_E[:, None, None]      # lowrank_a [E, D, R], lowrank_b [E, R, D]
+
+
+def _check_unboxed(params) -> None:
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  if any(isinstance(x, nn.Partitioned) for x in leaves):
+    raise ValueError('growth needs plain params; these still carry logical '
+                     'partitioning boxes: pass nn.meta.unbox(params).')
 
 
 def active_slots(state, level: int) -> list[int]:
@@ -126,6 +134,7 @@ def grow(params, state, level: int, rng) -> tuple[Any, Any, int]:
   Returns (params', state', slot); the inputs are left untouched. Raises ValueError naming the level, E_max and the config key when
   every slot is in use.
   """
+  _check_unboxed(params)
   active = np.asarray(_active(state, level))
   free = np.flatnonzero(~active)
   if free.size == 0:
@@ -151,6 +160,7 @@ def _reset_slots(params, state, slots_E, *, level: int):
 
 def reset(params, state, level: int, slots: Iterable[int]) -> tuple[Any, Any]:
   """Returns `slots` of `level` to inactive (zeroed), freeing them for growth."""
+  _check_unboxed(params)
   num_experts = np.asarray(_active(state, level)).size
   slots = [int(s) for s in slots]
   bad = [s for s in slots if not 0 <= s < num_experts]

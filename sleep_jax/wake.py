@@ -17,7 +17,9 @@ Every other parameter (attention, embeddings, norms) stays frozen in wake,
 and so do inactive experts (zero gradient, zero update, zero optimiser
 moments). "Which levels update now" is data (`lax.cond` on the step count),
 so one compiled step serves the whole schedule, and growing or resetting
-experts between steps does not recompile it.
+experts between steps does not recompile it. Grow and reset experts of a
+running wake state with `wake.grow` / `wake.reset`, which also clear the
+slot's pending gradient and optimiser moments.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sleep_jax import growth
@@ -174,6 +177,38 @@ def wake_step(model: nn.Module, state: WakeState, batch: Mapping[str, jax.Array]
              'updated_levels': jnp.stack(updated).astype(jnp.int32),
              'grad_norm': optax.tree.norm(grads)}
   return new_state, metrics
+
+
+def _forget_slots(state: WakeState, level: int, slots) -> WakeState:
+  """Clears the pending gradient sums and optimiser moments of expert slots."""
+  active_E = state.model_state[cms.CMS_COLLECTION][cms.level_name(level)]
+  slots_E = np.zeros(active_E.shape, np.bool_)
+  slots_E[list(slots)] = True
+  clear = lambda tree: growth.zero_slots(tree, level, jnp.asarray(slots_E))
+  cleared = (tuple(map(clear, state.opt_states)),
+             tuple(map(clear, state.grad_sums)))
+  opt_states, grad_sums = jax.tree.map(
+      lambda x, ref: jax.device_put(x, ref.sharding), cleared,
+      (state.opt_states, state.grad_sums))
+  return state.replace(opt_states=opt_states, grad_sums=grad_sums)
+
+
+def grow(state: WakeState, level: int, rng) -> tuple[WakeState, int]:
+  """`growth.grow` during wake: the new slot also starts with no pending
+  gradient and zero optimiser moments (none inherited from a reset expert)."""
+  params, model_state, slot = growth.grow(state.params, state.model_state,
+                                          level, rng)
+  state = state.replace(params=params, model_state=model_state)
+  return _forget_slots(state, level, [slot]), slot
+
+
+def reset(state: WakeState, level: int, slots) -> WakeState:
+  """`growth.reset` during wake, clearing the slots' wake memory too."""
+  slots = [int(s) for s in slots]
+  params, model_state = growth.reset(state.params, state.model_state, level,
+                                     slots)
+  state = state.replace(params=params, model_state=model_state)
+  return _forget_slots(state, level, slots)
 
 
 def wake_state_shardings(model: nn.Module, mesh, rules, example_tokens):

@@ -270,3 +270,27 @@ def test_wake_config_errors():
   model, params, state = make([dict(chunk_size=0, width=16, rank=4)])
   with pytest.raises(ValueError, match='chunk_size=0'):
     wake.init_wake_state(model.config, params, state)
+
+
+def test_regrown_slot_starts_with_no_wake_memory():
+  levels = [dict(lvl, optimizer='adam') for lvl in sgd_levels()]
+  model, params, state = make(levels)
+  params, state = grown(model, params, state)
+  step, shardings = one_device_step(model)
+  ws = start(model, params, state, shardings)
+  for t, batch in enumerate(batches(3)):  # level 1 (C=2) has a pending sum
+    ws, _ = step(ws, batch, False)
+  b_sum = lambda w: w.grad_sums[1]['layers_0']['mlp']['level_1']['lowrank_b']
+  assert np.any(np.asarray(b_sum(ws)[0]))
+  ws = wake.reset(ws, 1, [0])
+  ws, slot = wake.grow(ws, 1, jax.random.key(7))
+  assert slot == 0
+  assert not np.any(np.asarray(b_sum(ws)[0]))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(ws.opt_states[1]):
+    if 'lowrank' in jax.tree_util.keystr(path):
+      assert not np.any(np.asarray(leaf[0])), jax.tree_util.keystr(path)
+  ws, _ = step(ws, batches(1, seed=5)[0], False)  # still runs, same program
+  assert step.jitted._cache_size() == 1
+  boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match='unbox'):
+    growth.grow(boxed['params'], {'cms': boxed['cms']}, 0, jax.random.key(0))
