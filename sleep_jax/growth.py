@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sleep_jax import sharding
 from sleep_jax.models import cms
 
 _EXPERT_LEAVES = ('lowrank_a', 'lowrank_b', 'router')
@@ -95,12 +96,10 @@ def zero_slots(tree, level: int, slots_E):
   return jax.tree_util.tree_map_with_path(clear, tree)
 
 
-def _placed_like(tree, reference):
-  """`tree` on the shardings of `reference`, so a grown model stays where the
-  compiled steps expect it (no resharding inside them, no recompilation)."""
-  return jax.tree.map(
-      lambda x, ref: jax.device_put(x, ref.sharding)
-      if isinstance(ref, jax.Array) else x, tree, reference)
+def _with_active(state, level: int, active_E):
+  """`state` with level's active mask replaced (a new dict, inputs intact)."""
+  masks = {**state[cms.CMS_COLLECTION], cms.level_name(level): active_E}
+  return {**state, cms.CMS_COLLECTION: masks}
 
 
 @functools.partial(jax.jit, static_argnames='level')
@@ -122,17 +121,15 @@ def _grow_slot(params, state, slot, rng, *, level: int):
     return x
 
   params = jax.tree_util.tree_map_with_path(init, params)
-  state = jax.tree.map(lambda x: x, state)
-  active = state[cms.CMS_COLLECTION][cms.level_name(level)]
-  state[cms.CMS_COLLECTION][cms.level_name(level)] = active | slots_E
-  return params, state
+  return params, _with_active(state, level, _active(state, level) | slots_E)
 
 
 def grow(params, state, level: int, rng) -> tuple[Any, Any, int]:
   """Unlocks the first free expert slot of `level` in every layer.
 
-  Returns (params', state', slot); the inputs are left untouched. Raises ValueError naming the level, E_max and the config key when
-  every slot is in use.
+  Returns (params', state', slot); the inputs are left untouched. Raises
+  ValueError naming the level, E_max and the config key when every slot is
+  in use.
   """
   _check_unboxed(params)
   active = np.asarray(_active(state, level))
@@ -145,17 +142,14 @@ def grow(params, state, level: int, rng) -> tuple[Any, Any, int]:
         'experts of this level before growing again.')
   slot = int(free[0])
   grown = _grow_slot(params, state, jnp.int32(slot), rng, level=level)
-  params, state = _placed_like(grown, (params, state))
+  params, state = sharding.place_like(grown, (params, state))
   return params, state, slot
 
 
 @functools.partial(jax.jit, static_argnames='level')
 def _reset_slots(params, state, slots_E, *, level: int):
   params = zero_slots(params, level, slots_E)
-  state = jax.tree.map(lambda x: x, state)
-  active = state[cms.CMS_COLLECTION][cms.level_name(level)]
-  state[cms.CMS_COLLECTION][cms.level_name(level)] = active & ~slots_E
-  return params, state
+  return params, _with_active(state, level, _active(state, level) & ~slots_E)
 
 
 def reset(params, state, level: int, slots: Iterable[int]) -> tuple[Any, Any]:
@@ -170,7 +164,7 @@ def reset(params, state, level: int, slots: Iterable[int]) -> tuple[Any, Any]:
   slots_E = np.zeros((num_experts,), np.bool_)
   slots_E[slots] = True
   out = _reset_slots(params, state, jnp.asarray(slots_E), level=level)
-  return _placed_like(out, (params, state))
+  return sharding.place_like(out, (params, state))
 
 
 # ----------------------------------------------------------------- masks ---
@@ -194,16 +188,6 @@ def expert_mask(params, level: int, slots_E, *, dense: bool = False):
       return jnp.ones((), jnp.bool_)
     return False
   return jax.tree_util.tree_map_with_path(leaf, params)
-
-
-def union(*masks):
-  """Element-wise OR of masks over the same params structure."""
-  def either(*leaves):
-    arrays = [m for m in leaves if m is not False]
-    if not arrays:
-      return False
-    return functools.reduce(jnp.logical_or, arrays)
-  return jax.tree.map(either, *masks, is_leaf=lambda x: x is False)
 
 
 def mask_tree(tree, mask):

@@ -175,6 +175,17 @@ def check_divisible(boxed_abstract_tree, mesh_sizes: Mapping[str, int], rules,
             f'fewer axes in {key}, or pick a size divisible by {ways}.')
 
 
+def place_like(tree, reference):
+  """`tree` with each array on the sharding of its twin in `reference`.
+
+  Keeps a tree a function rebuilt (growth, reset) where the compiled steps
+  expect it: no resharding inside them, no recompilation.
+  """
+  return jax.tree.map(
+      lambda x, ref: jax.device_put(x, ref.sharding)
+      if isinstance(ref, jax.Array) else x, tree, reference)
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, ...] input array: batch over the 'batch' rule."""
   spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)

@@ -187,9 +187,8 @@ def _forget_slots(state: WakeState, level: int, slots) -> WakeState:
   clear = lambda tree: growth.zero_slots(tree, level, jnp.asarray(slots_E))
   cleared = (tuple(map(clear, state.opt_states)),
              tuple(map(clear, state.grad_sums)))
-  opt_states, grad_sums = jax.tree.map(
-      lambda x, ref: jax.device_put(x, ref.sharding), cleared,
-      (state.opt_states, state.grad_sums))
+  opt_states, grad_sums = sharding_lib.place_like(
+      cleared, (state.opt_states, state.grad_sums))
   return state.replace(opt_states=opt_states, grad_sums=grad_sums)
 
 

@@ -34,6 +34,7 @@ from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
 from sleep_jax import training
 from sleep_jax import wake
+from sleep_jax.data import pipeline
 from sleep_jax.data.tasks import facts
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
 from sleep_jax.models import Transformer, TransformerConfig
@@ -63,14 +64,9 @@ def _encode_sentences(tokenizer, sentences, length):
   if max(map(len, rows)) > length + 1:
     raise ValueError(f'a sentence has {max(map(len, rows))} tokens; raise '
                      f'data.seq_len (now {length}).')
-  inputs = np.full((len(rows), length), tokenizer.pad_id, np.int32)
-  targets = inputs.copy()
-  mask = np.zeros((len(rows), length), np.float32)
-  for i, row in enumerate(rows):
-    inputs[i, :len(row) - 1] = row[:-1]
-    targets[i, :len(row) - 1] = row[1:]
-    mask[i, :len(row) - 1] = 1.0
-  return {'inputs': inputs, 'targets': targets, 'mask': mask}
+  examples = [pipeline.pad_document(np.asarray(row), length + 1,
+                                    tokenizer.pad_id) for row in rows]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def _batches(data, batch_size, steps, rng):
@@ -99,7 +95,7 @@ def _train_base(model, config, data, mesh, rules):
 
 
 def _live_through_stream(method, model, params, model_state, config, sessions,
-                         evals, mesh, rules, wake_step, wake_shardings):
+                         evals, wake_step, wake_shardings):
   """Accuracy matrix [session][session'] and base accuracy per session."""
   params, model_state = jax.tree.map(jnp.copy, (params, model_state))
   if method == 'online':
@@ -164,8 +160,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   results = {'methods': {}, 'config': config.to_dict()}
   for method in config.methods:
     acc, base_acc = _live_through_stream(
-        method, model, params, model_state, config, sessions, evals, mesh,
-        rules, wake_step, wake_shardings)
+        method, model, params, model_state, config, sessions, evals,
+        wake_step, wake_shardings)
     last = acc[-1]
     results['methods'][method] = {
         'acc_matrix': acc, 'base_acc': base_acc,

@@ -58,7 +58,8 @@ def _to_lm_example(tokens, segment_ids, positions):
   }
 
 
-def _pad_document(tokens: np.ndarray, width: int, pad_id: int):
+def pad_document(tokens: np.ndarray, width: int, pad_id: int):
+  """One document as one next-token row of `width` tokens (truncated)."""
   n = min(len(tokens), width)
   row = np.full((width,), pad_id, np.int32)
   row[:n] = tokens[:n]
@@ -117,5 +118,5 @@ def lm_dataset(source, *, seq_len: int, batch_size: int, seed: int,
         shuffle_bins=shuffle, padding_struct={'tokens': pad_id})
     ds = ds.map(_unpack)
   else:
-    ds = ds.map(lambda doc: _pad_document(doc, width, pad_id)).to_iter_dataset()
+    ds = ds.map(lambda doc: pad_document(doc, width, pad_id)).to_iter_dataset()
   return ds.batch(batch_size, drop_remainder=True)
