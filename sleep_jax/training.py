@@ -114,16 +114,8 @@ def train_step(model: nn.Module, optimizer, schedule, state: TrainState,
 
 def compile_train_step(model, optimizer, schedule, state_shardings, mesh, rules):
   """`jit(train_step)` with explicit shardings and the state donated."""
-  batch_shard = sharding_lib.batch_sharding(mesh, rules)
-  jitted = jax.jit(
+  return sharding_lib.compile_step(
       lambda state, batch: train_step(model, optimizer, schedule, state, batch),
-      in_shardings=(state_shardings, batch_shard),
-      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-      donate_argnums=(0,))
-
-  def step(state, batch):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(state, batch)
-
-  step.jitted = jitted  # exposed for compile counting (`_cache_size()`).
-  return step
+      mesh, rules,
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules)),
+      out_shardings=(state_shardings, sharding_lib.replicated(mesh)))

@@ -227,17 +227,16 @@ def compile_wake_step(model: nn.Module, state_shardings, mesh, rules):
   Returns `step(state, batch, boundary) -> (state, metrics)`; `step.jitted`
   is the jitted function (for compile counting).
   """
-  batch_shard = sharding_lib.batch_sharding(mesh, rules)
   replicated = sharding_lib.replicated(mesh)
-  jitted = jax.jit(
+  compiled = sharding_lib.compile_step(
       lambda state, batch, boundary: wake_step(model, state, batch, boundary),
-      in_shardings=(state_shardings, batch_shard, replicated),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,))
+      mesh, rules,
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules),
+                    replicated),
+      out_shardings=(state_shardings, replicated))
 
   def step(state, batch, boundary=False):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(state, batch, jnp.asarray(boundary, jnp.bool_))
+    return compiled(state, batch, jnp.asarray(boundary, jnp.bool_))
 
-  step.jitted = jitted
+  step.jitted = compiled.jitted
   return step

@@ -17,7 +17,6 @@ Writes results.json (accuracy matrices per method) and prints a table.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -26,17 +25,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sleep_jax import eval as eval_lib
+from sleep_jax import fact_world
 from sleep_jax import growth
-from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
-from sleep_jax import training
 from sleep_jax import wake
-from sleep_jax.data import pipeline
 from sleep_jax.data.tasks import facts
-from sleep_jax.data.tokenizers import SentencePieceTokenizer
 from sleep_jax.models import Transformer, TransformerConfig
 
 METHODS = ('frozen', 'online')
@@ -59,41 +54,6 @@ def validate_config(config) -> TransformerConfig:
   return model_config
 
 
-def _encode_sentences(tokenizer, sentences, length):
-  rows = [tokenizer.encode(s, add_bos=True, add_eos=True) for s in sentences]
-  if max(map(len, rows)) > length + 1:
-    raise ValueError(f'a sentence has {max(map(len, rows))} tokens; raise '
-                     f'data.seq_len (now {length}).')
-  examples = [pipeline.pad_document(np.asarray(row), length + 1,
-                                    tokenizer.pad_id) for row in rows]
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-
-
-def _batches(data, batch_size, steps, rng):
-  n = len(data['inputs'])
-  for _ in range(steps):
-    idx = rng.choice(n, size=batch_size, replace=n < batch_size)
-    yield {k: jnp.asarray(v[idx]) for k, v in data.items()}
-
-
-def _train_base(model, config, data, mesh, rules):
-  steps = int(config.base_train_steps)
-  tx, schedule = training.make_optimizer(config.optimizer, steps)
-  tokens = jnp.zeros((config.stream.batch_size, config.data.seq_len), jnp.int32)
-  state, shardings = sharding.init_sharded(
-      functools.partial(training.create_train_state, model, tx), mesh, rules,
-      jax.random.key(config.seed), tokens)
-  step = training.compile_train_step(model, tx, schedule, shardings, mesh, rules)
-  progress = metrics_lib.Progress(steps, what='base step')
-  rng = np.random.default_rng(config.seed)
-  for i, batch in enumerate(_batches(data, config.stream.batch_size, steps, rng)):
-    state, metrics = step(state, batch)
-    if (i + 1) % 50 == 0 or i + 1 == steps:
-      metrics_lib.check_finite(i + 1, {'loss': metrics['loss']})
-    progress.update(i + 1, {'loss': metrics['loss']}, force=i + 1 == steps)
-  return state.params, state.model_state
-
-
 def _live_through_stream(method, model, params, model_state, config, sessions,
                          evals, wake_step, wake_shardings):
   """Accuracy matrix [session][session'] and base accuracy per session."""
@@ -109,8 +69,8 @@ def _live_through_stream(method, model, params, model_state, config, sessions,
   steps = int(config.stream.steps_per_session)
   for s, data in enumerate(sessions):
     if method == 'online':
-      for t, batch in enumerate(_batches(data, config.stream.batch_size, steps,
-                                         rng)):
+      for t, batch in enumerate(fact_world.batches(
+          data, config.stream.batch_size, steps, rng)):
         ws, _ = wake_step(ws, batch, t == steps - 1)
       params, model_state = ws.params, ws.model_state
     row = [eval_lib.recall_accuracy(model, params, model_state, evals[j])
@@ -128,31 +88,19 @@ def run(config, workdir: str) -> dict[str, Any]:
   t_start = time.perf_counter()
   model_config = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  world = fact_world.build(config)
+  sessions = [world.passages(group) for group in world.sessions]
+  evals = [world.recall(group) for group in world.sessions]
+  evals.append(world.recall(world.base))
   stream = config.stream
-  people = facts.make_people(
-      stream.base_people + stream.sessions * stream.people_per_session,
-      config.world_seed)
-  base, new = people[:stream.base_people], people[stream.base_people:]
-  groups = [new[i * stream.people_per_session:(i + 1) * stream.people_per_session]
-            for i in range(stream.sessions)]
-  tokenizer = SentencePieceTokenizer.train(
-      [s for p in people for s in facts.all_sentences(p)],
-      config.data.tokenizer_vocab_size)
-  if tokenizer.vocab_size > model_config.vocab_size:
-    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} ids but '
-                     f'model.vocab_size={model_config.vocab_size}; raise it.')
-  length = config.data.seq_len
-  encode = lambda group: _encode_sentences(
-      tokenizer, [s for p in group for s in facts.all_sentences(p)], length)
-  items = lambda group: eval_lib.encode_items(
-      tokenizer, [it for p in group for it in facts.recall_items(p)], length)
-  sessions = [encode(g) for g in groups]
-  evals = [items(g) for g in groups] + [items(base)]
+  length = world.seq_len
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(model_config)
-  params, model_state = _train_base(model, config, encode(base), mesh, rules)
+  params, model_state = fact_world.train_base(model, config,
+                                              world.passages(world.base),
+                                              mesh, rules)
   example = jnp.zeros((stream.batch_size, length), jnp.int32)
   wake_shardings = wake.wake_state_shardings(model, mesh, rules, example)
   wake_step = wake.compile_wake_step(model, wake_shardings, mesh, rules)

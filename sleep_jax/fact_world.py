@@ -1,0 +1,100 @@
+"""The toy world the studies share: fictional people as token data, a base LM.
+
+`build(config)` draws the people (a base population plus sessions of new
+people, sleep_jax.data.tasks.facts), trains a SentencePiece tokenizer on
+every sentence of the world, and encodes what the studies need: passage rows
+for training and wake, closed-book recall items for evaluation.
+`train_base` trains the model on the base population, so it knows the
+language of the world but none of the people who arrive later.
+
+Config keys read: world_seed, seed, data.{seq_len, tokenizer_vocab_size},
+stream.{base_people, sessions, people_per_session, batch_size},
+base_train_steps, optimizer.*, model.vocab_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sleep_jax import eval as eval_lib
+from sleep_jax import metrics as metrics_lib
+from sleep_jax import sharding
+from sleep_jax import training
+from sleep_jax.data import pipeline
+from sleep_jax.data.tasks import facts
+from sleep_jax.data.tokenizers import SentencePieceTokenizer
+
+
+@dataclasses.dataclass
+class FactWorld:
+  tokenizer: SentencePieceTokenizer
+  base: list[facts.Person]
+  sessions: list[list[facts.Person]]
+  seq_len: int
+
+  def passages(self, people) -> dict[str, np.ndarray]:
+    """Every sentence about `people` as rows: inputs, targets, mask."""
+    rows = [self.tokenizer.encode(s, add_bos=True, add_eos=True)
+            for p in people for s in facts.all_sentences(p)]
+    if max(map(len, rows)) > self.seq_len + 1:
+      raise ValueError(f'a sentence has {max(map(len, rows))} tokens; raise '
+                       f'data.seq_len (now {self.seq_len}).')
+    examples = [pipeline.pad_document(np.asarray(row), self.seq_len + 1,
+                                      self.tokenizer.pad_id) for row in rows]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  def recall(self, people) -> dict[str, np.ndarray]:
+    """Closed-book recall items about `people` (see sleep_jax.eval)."""
+    return eval_lib.encode_items(
+        self.tokenizer, [it for p in people for it in facts.recall_items(p)],
+        self.seq_len)
+
+
+def build(config) -> FactWorld:
+  stream = config.stream
+  people = facts.make_people(
+      stream.base_people + stream.sessions * stream.people_per_session,
+      config.world_seed)
+  base, new = people[:stream.base_people], people[stream.base_people:]
+  sessions = [new[i * stream.people_per_session:
+                  (i + 1) * stream.people_per_session]
+              for i in range(stream.sessions)]
+  tokenizer = SentencePieceTokenizer.train(
+      [s for p in people for s in facts.all_sentences(p)],
+      config.data.tokenizer_vocab_size)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} ids but '
+                     f'model.vocab_size={config.model.vocab_size}; raise it.')
+  return FactWorld(tokenizer, base, sessions, int(config.data.seq_len))
+
+
+def batches(data, batch_size: int, steps: int, rng: np.random.Generator):
+  """`steps` batches of rows drawn uniformly (with replacement if few rows)."""
+  n = len(data['inputs'])
+  for _ in range(steps):
+    idx = rng.choice(n, size=batch_size, replace=n < batch_size)
+    yield {k: jnp.asarray(v[idx]) for k, v in data.items()}
+
+
+def train_base(model, config, data, mesh, rules):
+  """(params, model_state) after `config.base_train_steps` AdamW steps."""
+  steps = int(config.base_train_steps)
+  tx, schedule = training.make_optimizer(config.optimizer, steps)
+  tokens = jnp.zeros((config.stream.batch_size, config.data.seq_len), jnp.int32)
+  state, shardings = sharding.init_sharded(
+      functools.partial(training.create_train_state, model, tx), mesh, rules,
+      jax.random.key(config.seed), tokens)
+  step = training.compile_train_step(model, tx, schedule, shardings, mesh, rules)
+  progress = metrics_lib.Progress(steps, what='base step')
+  rng = np.random.default_rng(config.seed)
+  for i, batch in enumerate(batches(data, config.stream.batch_size, steps, rng)):
+    state, metrics = step(state, batch)
+    if (i + 1) % 50 == 0 or i + 1 == steps:
+      metrics_lib.check_finite(i + 1, {'loss': metrics['loss']})
+    progress.update(i + 1, {'loss': metrics['loss']}, force=i + 1 == steps)
+  return state.params, state.model_state

@@ -1,0 +1,596 @@
+"""Knowledge Seeding: the consolidation stage of sleep (DESIGN §4).
+
+The knowledge a fast CMS level holds moves into a newly grown expert of the
+next, slower level; then the fast level's experts are freed.
+
+* Teacher = the model when sleep starts. Student = the same params with a
+  new expert grown in level l* and the consolidatable experts of level l*-1
+  (every active low-rank expert there: they were grown or trained since the
+  last consolidation) reset. Only the new expert (A, B) and its router row
+  train; everything else is bit-identical after any number of steps.
+* Objective (minimised): alpha * F(T||S) on GKD completions
+  + (1 - alpha) * policy-gradient loss of Learning to Imitate.
+  GKD completions are teacher samples or, with probability `lmbda` per
+  sample (or per batch), student samples; no gradient flows through
+  sampling. LTI: the teacher's completions are its dreams; each is cut at a
+  uniformly random length, the student samples G continuations of the cut,
+  each is rewarded by gamma * r_sem + (1 - gamma) * r_abs against the
+  teacher's continuation (sleep_jax.rewards), and the advantage is the
+  reward minus its group's mean (GRPO without a KL term).
+* One loop on the host per step: draw replay prompts, sample with the
+  shared sampler (sleep_jax.sampling), score rewards, then one jitted,
+  sharded update (`compile_seeding_step`) that compiles once per
+  (model, config, level) and is reused across sleep cycles: the new slot is
+  data (bool[E_max]), not a shape.
+
+Sequence layout: a prompt and a completion are joined right-padded, and a
+[B, W] mask marks the logit positions that predict completion tokens
+(prompt positions and padding never count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sleep_jax import growth
+from sleep_jax import metrics as metrics_lib
+from sleep_jax import rewards
+from sleep_jax import sampling
+from sleep_jax import sharding as sharding_lib
+from sleep_jax.models import cms
+from sleep_jax.models import transformer
+from sleep_jax.wake import level_params, with_level_params
+
+DIVERGENCES = ('jsd', 'forward_kl', 'reverse_kl')
+PROMPT_SOURCES = ('replay', 'bos', 'mixed')
+LAMBDA_MODES = ('sample', 'batch')
+
+
+# ------------------------------------------------------------- divergences ---
+
+
+def _log_probs(logits, temperature: float):
+  return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def _kl(log_p, log_q):
+  """KL(p || q) per position, summed over the vocabulary."""
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _masked_mean(per_token_BxL, mask_BxL):
+  mask = jnp.asarray(mask_BxL, jnp.float32)
+  total = jnp.sum(jnp.where(mask > 0, per_token_BxL * mask, 0.0))
+  return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def forward_kl(student_logits, teacher_logits, mask, *, temperature=1.0):
+  """KL(T || S), mean over masked positions."""
+  log_s = _log_probs(student_logits, temperature)
+  log_t = _log_probs(teacher_logits, temperature)
+  return _masked_mean(_kl(log_t, log_s), mask)
+
+
+def reverse_kl(student_logits, teacher_logits, mask, *, temperature=1.0):
+  """KL(S || T), mean over masked positions."""
+  log_s = _log_probs(student_logits, temperature)
+  log_t = _log_probs(teacher_logits, temperature)
+  return _masked_mean(_kl(log_s, log_t), mask)
+
+
+def generalized_jsd(student_logits, teacher_logits, mask, *, beta,
+                    temperature=1.0):
+  """Generalised JSD in TRL's convention, mean over masked positions.
+
+  M = (1 - beta) S + beta T (mixed in probability space, in log space);
+  JSD_beta = beta KL(T || M) + (1 - beta) KL(S || M). beta = 0 is
+  forward KL(T || S) and beta = 1 is reverse KL(S || T) (special-cased: the
+  mixture formula degenerates to 0 there). `beta` is a Python float.
+  """
+  beta = float(beta)
+  if not 0.0 <= beta <= 1.0:
+    raise ValueError(f'beta={beta} must be in [0, 1].')
+  if beta == 0.0:
+    return forward_kl(student_logits, teacher_logits, mask,
+                      temperature=temperature)
+  if beta == 1.0:
+    return reverse_kl(student_logits, teacher_logits, mask,
+                      temperature=temperature)
+  log_s = _log_probs(student_logits, temperature)
+  log_t = _log_probs(teacher_logits, temperature)
+  log_m = jnp.logaddexp(log_s + np.log(1.0 - beta), log_t + np.log(beta))
+  per_token = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+  return _masked_mean(per_token, mask)
+
+
+# ------------------------------------------------------------------ config ---
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedingConfig:
+  """Every Knowledge Seeding knob (config keys `sleep.<field>`).
+
+  alpha: weight of distillation vs LTI (1 = pure on-policy distillation).
+  lmbda: on-policy fraction of GKD completions (TRL's name), drawn per
+    `lmbda_mode` ('sample' or 'batch').
+  divergence: 'jsd' (with `beta`), 'forward_kl' or 'reverse_kl'.
+  temperature: sampling temperature, also applied to the divergence.
+  gamma: weight of the semantic reward r_sem vs the edit-distance r_abs.
+  z0: largest token edit distance that still earns r_abs.
+  group_size: G, student completions per LTI prefix (group baseline).
+  normalize_advantages: divide advantages by the group's reward std.
+  judge / judge_threshold: the semantic judge ('embedding', 'exact',
+    'teacher'; sleep_jax.rewards) and its cosine threshold (None = default).
+  num_steps, batch_size, learning_rate: the KS optimisation (Adam).
+  max_new_tokens: length of teacher/student completions.
+  prompt_source: 'replay' (prefixes of recent wake rows), 'bos'
+    (unconditional) or 'mixed' (`bos_fraction` of rows from BOS).
+  min_prompt_tokens: shortest replay prefix (BOS included).
+  expansion: grow a new expert (True) or train the level's existing
+    params instead (the "w/o expansion" ablation).
+  """
+
+  alpha: float = 0.5
+  lmbda: float = 0.5
+  lmbda_mode: str = 'sample'
+  divergence: str = 'jsd'
+  beta: float = 0.5
+  temperature: float = 1.0
+  gamma: float = 0.5
+  z0: float = 8.0
+  group_size: int = 4
+  normalize_advantages: bool = False
+  judge: str = 'exact'
+  judge_threshold: float | None = None
+  num_steps: int = 100
+  batch_size: int = 16
+  learning_rate: float = 1e-2
+  max_new_tokens: int = 16
+  prompt_source: str = 'mixed'
+  bos_fraction: float = 0.25
+  min_prompt_tokens: int = 2
+  expansion: bool = True
+
+  def __post_init__(self):
+    key = 'sleep'
+    for name in ('alpha', 'lmbda', 'gamma', 'beta', 'bos_fraction'):
+      value = getattr(self, name)
+      if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f'{key}.{name}={value} must be in [0, 1].')
+    choices = {'divergence': DIVERGENCES, 'prompt_source': PROMPT_SOURCES,
+               'lmbda_mode': LAMBDA_MODES, 'judge': rewards.JUDGES}
+    for name, valid in choices.items():
+      if getattr(self, name) not in valid:
+        raise ValueError(f'{key}.{name}={getattr(self, name)!r}; valid: '
+                         f'{list(valid)}.')
+    if self.z0 < 0:
+      raise ValueError(f'{key}.z0={self.z0} must be >= 0 (an edit-distance '
+                       'threshold in tokens).')
+    if self.alpha < 1 and self.group_size < 2:
+      raise ValueError(f'{key}.group_size={self.group_size}: LTI needs >= 2 '
+                       'completions per prefix for its group baseline (or set '
+                       f'{key}.alpha=1 to turn LTI off).')
+    if self.temperature <= 0:
+      raise ValueError(f'{key}.temperature={self.temperature} must be > 0: '
+                       'Knowledge Seeding samples on-policy.')
+    for name in ('num_steps', 'batch_size', 'max_new_tokens',
+                 'min_prompt_tokens'):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f'{key}.{name}={getattr(self, name)} must be >= 1.')
+    if self.learning_rate <= 0:
+      raise ValueError(f'{key}.learning_rate={self.learning_rate} must be > 0.')
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], key: str = 'sleep'):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f'{key}: unknown keys {unknown}; valid: {sorted(fields)}.')
+    return cls(**dict(values))
+
+  def divergence_fn(self) -> Callable[..., jax.Array]:
+    if self.divergence == 'forward_kl':
+      return functools.partial(forward_kl, temperature=self.temperature)
+    if self.divergence == 'reverse_kl':
+      return functools.partial(reverse_kl, temperature=self.temperature)
+    return functools.partial(generalized_jsd, beta=self.beta,
+                             temperature=self.temperature)
+
+
+# --------------------------------------------------------------- sequences ---
+
+
+@functools.partial(jax.jit, static_argnames='pad_id')
+def join(prompt_BxP, prompt_len_B, completion_BxN, completion_len_B, *,
+         pad_id: int = 0):
+  """prompt[:len] ++ completion[:len] ++ pad, and the completion logit mask.
+
+  Returns tokens int32[B, P+N] and mask f32[B, P+N], where mask[b, t] = 1
+  iff the logits at t predict a completion token (t + 1 is in the
+  completion).
+  """
+  width = prompt_BxP.shape[1] + completion_BxN.shape[1]
+  col = jnp.arange(width)[None, :]
+  plen, clen = prompt_len_B[:, None], completion_len_B[:, None]
+  from_prompt = jnp.take_along_axis(
+      prompt_BxP, jnp.minimum(col, prompt_BxP.shape[1] - 1), axis=1)
+  from_completion = jnp.take_along_axis(
+      completion_BxN, jnp.clip(col - plen, 0, completion_BxN.shape[1] - 1),
+      axis=1)
+  tokens = jnp.where(col < plen, from_prompt,
+                     jnp.where(col < plen + clen, from_completion, pad_id))
+  mask = (col >= plen - 1) & (col < plen + clen - 1)
+  return tokens.astype(jnp.int32), mask.astype(jnp.float32)
+
+
+def completion_logprobs(logits_BxLxV, tokens_BxL):
+  """log p(token t+1 | prefix) at each position t (the last one is 0)."""
+  log_p = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), -1)
+  picked = jnp.take_along_axis(log_p, tokens_BxL[:, 1:, None], -1)[..., 0]
+  return jnp.pad(picked, ((0, 0), (0, 1)))
+
+
+# -------------------------------------------------------------- the step ---
+
+
+@flax.struct.dataclass
+class SeedingState:
+  """The student during Knowledge Seeding; opt_state covers level l* only."""
+
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+
+
+def make_optimizer(cfg: SeedingConfig) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adam(cfg.learning_rate))
+
+
+def seeding_loss(model: nn.Module, cfg: SeedingConfig, params, model_state,
+                 teacher, batch: Mapping[str, jax.Array]):
+  """(alpha * F(T||S) + (1 - alpha) * L_PG, metrics). teacher = (params, state)."""
+  student = lambda tokens: model.apply(
+      transformer.variables(params, model_state), tokens)
+  loss, metrics = 0.0, {}
+  if cfg.alpha > 0:
+    teacher_logits = jax.lax.stop_gradient(model.apply(
+        transformer.variables(*teacher), batch['gkd_tokens']))
+    divergence = cfg.divergence_fn()(student(batch['gkd_tokens']),
+                                     teacher_logits, batch['gkd_mask'])
+    loss += cfg.alpha * divergence
+    metrics['divergence'] = divergence
+  if cfg.alpha < 1:
+    log_p = completion_logprobs(student(batch['lti_tokens']),
+                                batch['lti_tokens'])
+    weighted = batch['lti_advantages'][:, None] * log_p
+    pg_loss = -_masked_mean(weighted, batch['lti_mask'])
+    loss += (1.0 - cfg.alpha) * pg_loss
+    metrics['pg_loss'] = pg_loss
+  metrics['loss'] = loss
+  return loss, metrics
+
+
+def trainable_mask(cfg: SeedingConfig, params, level: int, slots_E):
+  """level_params-shaped mask: the slots (A, B, router) [+ dense w/o expansion]."""
+  full = growth.expert_mask(params, level, slots_E, dense=not cfg.expansion)
+  return level_params(full, level)
+
+
+def seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
+                 state: SeedingState, batch, teacher, slots_E):
+  """One Adam step on the trainable slots of `level`; the rest is untouched."""
+  tx = make_optimizer(cfg)
+  tree = level_params(state.params, level)
+  mask = trainable_mask(cfg, state.params, level, slots_E)
+
+  def loss_fn(tree):
+    params = with_level_params(state.params, tree)
+    return seeding_loss(model, cfg, params, state.model_state, teacher, batch)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(tree)
+  grads = growth.mask_tree(grads, mask)
+  updates, opt_state = tx.update(grads, state.opt_state, tree)
+  tree = growth.apply_masked_updates(tree, updates, mask)
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  return SeedingState(step=state.step + 1,
+                      params=with_level_params(state.params, tree),
+                      model_state=state.model_state, opt_state=opt_state), metrics
+
+
+def init_seeding_state(cfg: SeedingConfig, params, model_state, level: int):
+  return SeedingState(step=jnp.zeros((), jnp.int32), params=params,
+                      model_state=model_state,
+                      opt_state=make_optimizer(cfg).init(
+                          level_params(params, level)))
+
+
+def seeding_state_shardings(model: nn.Module, cfg: SeedingConfig, level: int,
+                            mesh, rules):
+  """NamedShardings of a SeedingState (traced only, nothing built)."""
+  def boxed_state(rng):
+    variables = model.init(rng, jnp.zeros((1, 2), jnp.int32))
+    params = variables.pop('params')
+    return init_seeding_state(cfg, params, variables, level)
+  _, shardings = sharding_lib.abstract_sharded(boxed_state, mesh, rules,
+                                               jax.random.key(0))
+  return shardings
+
+
+def batch_keys(cfg: SeedingConfig) -> dict[str, int]:
+  """The arrays a seeding batch holds for `cfg`, with their ranks."""
+  keys = {}
+  if cfg.alpha > 0:
+    keys.update(gkd_tokens=2, gkd_mask=2)
+  if cfg.alpha < 1:
+    keys.update(lti_tokens=2, lti_mask=2, lti_advantages=1)
+  return keys
+
+
+@functools.lru_cache(maxsize=None)
+def compile_seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
+                         mesh, rules):
+  """`step(state, batch, teacher, slots_E) -> (state, metrics)`, jitted once.
+
+  Cached per (model, cfg, level, mesh, rules), so every sleep cycle reuses
+  the same compiled program; the state is donated, the teacher is not.
+  """
+  state_shardings = seeding_state_shardings(model, cfg, level, mesh, rules)
+  replicated = sharding_lib.replicated(mesh)
+  batch_shardings = {k: sharding_lib.batch_sharding(mesh, rules, ndim)
+                     for k, ndim in batch_keys(cfg).items()}
+  teacher_shardings = (state_shardings.params, state_shardings.model_state)
+  compiled = sharding_lib.compile_step(
+      functools.partial(seeding_step, model, cfg, level), mesh, rules,
+      in_shardings=(state_shardings, batch_shardings, teacher_shardings,
+                    replicated),
+      out_shardings=(state_shardings, replicated))
+
+  def step(state, batch, teacher, slots_E):
+    # Rollouts come from the sampler wherever it left them: lay the batch
+    # out over the mesh here.
+    batch, slots_E = jax.device_put((batch, slots_E),
+                                    (batch_shardings, replicated))
+    return compiled(state, batch, teacher, slots_E)
+
+  step.jitted = compiled.jitted
+  step.state_shardings = state_shardings
+  return step
+
+
+# ---------------------------------------------------------------- rollouts ---
+
+
+def draw_prompts(replay: Mapping[str, np.ndarray], cfg: SeedingConfig,
+                 rng: np.random.Generator, bos_id: int, pad_id: int):
+  """A batch of sleep prompts: replay prefixes and/or BOS (right-padded).
+
+  `replay['tokens']` int[R, W] holds recent wake rows (BOS first) and
+  `replay['lengths']` int[R] their lengths. A replay prompt keeps a uniformly
+  random prefix of [min_prompt_tokens, length - 1] tokens, so there is always
+  something left to continue.
+  """
+  tokens, lengths = np.asarray(replay['tokens']), np.asarray(replay['lengths'])
+  batch, width = cfg.batch_size, tokens.shape[1]
+  prompts = np.full((batch, width), pad_id, np.int32)
+  prompt_lengths = np.ones((batch,), np.int32)
+  from_bos = {'replay': np.zeros(batch, bool), 'bos': np.ones(batch, bool),
+              'mixed': rng.random(batch) < cfg.bos_fraction}[cfg.prompt_source]
+  rows = rng.integers(len(tokens), size=batch)
+  for b in range(batch):
+    if from_bos[b]:
+      prompts[b, 0] = bos_id
+      continue
+    length = int(lengths[rows[b]])
+    low = min(cfg.min_prompt_tokens, length - 1)
+    keep = int(rng.integers(max(low, 1), max(length - 1, 1) + 1))
+    prompts[b, :keep] = tokens[rows[b], :keep]
+    prompt_lengths[b] = keep
+  return prompts, prompt_lengths
+
+
+@jax.jit
+def _cut_dreams(dream_BxN, dream_len_B, u_B):
+  """Uniform cut per dream: (cut, the reference continuation, its length)."""
+  cut = jnp.minimum(jnp.floor(u_B * dream_len_B), jnp.maximum(dream_len_B - 1, 0)
+                    ).astype(jnp.int32)
+  cols = jnp.arange(dream_BxN.shape[1])[None, :] + cut[:, None]
+  reference = jnp.take_along_axis(
+      dream_BxN, jnp.minimum(cols, dream_BxN.shape[1] - 1), axis=1)
+  ref_len = dream_len_B - cut
+  reference = jnp.where(jnp.arange(dream_BxN.shape[1])[None] < ref_len[:, None],
+                        reference, 0)
+  return cut, reference, ref_len
+
+
+def group_advantages(rewards_BxG, normalize: bool):
+  """r - mean of its group (optionally / group std)."""
+  centred = rewards_BxG - rewards_BxG.mean(axis=1, keepdims=True)
+  if normalize:
+    centred = centred / (rewards_BxG.std(axis=1, keepdims=True) + 1e-6)
+  return centred
+
+
+class Rollout(NamedTuple):
+  batch: dict
+  metrics: dict
+
+
+def rollout(model, cfg: SeedingConfig, student, teacher, prompts, prompt_lengths,
+            rng, *, eos_id, pad_id, host_rng, judge=None, decode=None
+            ) -> Rollout:
+  """Samples GKD and LTI completions and scores LTI rewards; no gradients.
+
+  student / teacher: (params, model_state).
+  """
+  t_rng, s_rng, l_rng = jax.random.split(rng, 3)
+  sample = functools.partial(
+      sampling.sample, model, max_new_tokens=cfg.max_new_tokens,
+      temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id)
+  prompts, prompt_lengths = jnp.asarray(prompts), jnp.asarray(prompt_lengths)
+  by_teacher = sample(teacher[0], prompts, prompt_lengths, rng=t_rng,
+                      model_state=teacher[1])
+  batch, metrics = {}, {}
+  if cfg.alpha > 0:
+    by_student = sample(student[0], prompts, prompt_lengths, rng=s_rng,
+                        model_state=student[1])
+    size = cfg.batch_size if cfg.lmbda_mode == 'sample' else 1
+    on_policy = np.broadcast_to(host_rng.random(size) < cfg.lmbda,
+                                (cfg.batch_size,))
+    pick = jnp.asarray(on_policy)
+    completion = jnp.where(pick[:, None], by_student.tokens, by_teacher.tokens)
+    lengths = jnp.where(pick, by_student.lengths, by_teacher.lengths)
+    batch['gkd_tokens'], batch['gkd_mask'] = join(
+        prompts, prompt_lengths, completion, lengths, pad_id=pad_id)
+    metrics['on_policy_fraction'] = float(on_policy.mean())
+  if cfg.alpha < 1:
+    group = cfg.group_size
+    cut, reference, ref_len = _cut_dreams(
+        by_teacher.tokens, by_teacher.lengths,
+        jnp.asarray(host_rng.random(cfg.batch_size), jnp.float32))
+    prefix, _ = join(prompts, prompt_lengths, by_teacher.tokens, cut,
+                     pad_id=pad_id)
+    prefix_len = prompt_lengths + cut
+    repeat = lambda x: jnp.repeat(x, group, axis=0)
+    completions = sample(student[0], repeat(prefix), repeat(prefix_len),
+                         rng=l_rng, model_state=student[1])
+    r_abs = rewards.levenshtein_reward(
+        completions.tokens, repeat(reference), z0=cfg.z0,
+        pred_lengths=completions.lengths, ref_lengths=repeat(ref_len))
+    reward = np.asarray(r_abs) * (1.0 - cfg.gamma)
+    if cfg.gamma > 0:
+      same = judge.same_meaning(
+          rewards.decode_rows(decode, completions.tokens, completions.lengths),
+          rewards.decode_rows(decode, repeat(reference), repeat(ref_len)))
+      reward = reward + cfg.gamma * same.astype(np.float32)
+      metrics['semantic_reward'] = float(same.mean())
+    advantages = group_advantages(reward.reshape(-1, group),
+                                  cfg.normalize_advantages).reshape(-1)
+    batch['lti_tokens'], batch['lti_mask'] = join(
+        repeat(prefix), repeat(prefix_len), completions.tokens,
+        completions.lengths, pad_id=pad_id)
+    batch['lti_advantages'] = jnp.asarray(advantages, jnp.float32)
+    metrics['reward'] = float(reward.mean())
+    metrics['edit_reward'] = float(np.mean(r_abs))
+  return Rollout(batch, metrics)
+
+
+# ------------------------------------------------------------- the stage ---
+
+
+class Consolidation(NamedTuple):
+  params: Any          # the student, now the model
+  model_state: Any
+  grown_slot: int | None   # the new expert of level l* (None w/o expansion)
+  reset_slots: list[int]   # the freed experts of level l* - 1
+  metrics: list[dict]      # per KS step
+
+
+def _check(model, model_state, level: int, cfg: SeedingConfig, judge, decode):
+  config = model.config
+  if config.mlp != 'cms':
+    raise ValueError(f"consolidation needs a CMS model; model.mlp={config.mlp!r}.")
+  if not 1 <= level < len(config.cms_levels):
+    raise ValueError(f'consolidate: level={level} must name a slower level with '
+                     f'a faster one below it, in [1, {len(config.cms_levels) - 1}].')
+  if cfg.alpha < 1 and cfg.gamma > 0 and (judge is None or decode is None):
+    raise ValueError(f'sleep.gamma={cfg.gamma} > 0 needs a semantic judge and a '
+                     'token decoder (pass judge= and decode=), or set '
+                     'sleep.gamma=0.')
+  growth.active_slots(model_state, level)  # clear error if the state is wrong
+
+
+def _data_size(mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape]))
+
+
+def consolidate(model: nn.Module, params, model_state, *, level: int,
+                replay: Mapping[str, np.ndarray], cfg: SeedingConfig, rng,
+                bos_id: int, eos_id: int | None, pad_id: int = 0, judge=None,
+                decode: Callable[[list[int]], str] | None = None, mesh=None,
+                rules=sharding_lib.DEFAULT_RULES,
+                on_step: Callable[[int, dict], None] | None = None
+                ) -> Consolidation:
+  """Knowledge Seeding for the level pair (level - 1 -> level).
+
+  Builds teacher and student (module docstring), runs `cfg.num_steps` KS
+  steps on prompts drawn from `replay` (see `draw_prompts`), and returns the
+  student as the new model: the new expert active, level - 1's consolidated
+  experts reset (free for the next wake). `rng` is a PRNG key; the same key,
+  config and inputs give the same result.
+  """
+  _check(model, model_state, level, cfg, judge, decode)
+  mesh = mesh or sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
+                                        jax.devices()[:1])
+  rules = tuple(tuple(r) for r in rules)
+  for name, rows in (('batch_size', cfg.batch_size),
+                     ('batch_size * group_size', cfg.batch_size * cfg.group_size)):
+    if rows % _data_size(mesh):
+      raise ValueError(f'sleep.{name}={rows} must divide evenly over the '
+                       f'{_data_size(mesh)} data-parallel devices of the mesh.')
+  grow_rng, loop_rng = jax.random.split(rng)
+  host_rng = np.random.default_rng(
+      np.asarray(jax.random.key_data(loop_rng)).ravel().tolist())
+  step_fn = compile_seeding_step(model, cfg, level, mesh, rules)
+  shardings = step_fn.state_shardings
+  # On the mesh first, so growth and reset see the same layout every cycle.
+  teacher = jax.device_put((params, model_state),
+                           (shardings.params, shardings.model_state))
+  faster = level - 1
+  reset_slots = growth.active_slots(model_state, faster)
+  student_params, student_state = growth.reset(*teacher, faster, reset_slots)
+  grown = None
+  if cfg.expansion:
+    student_params, student_state, grown = growth.grow(
+        student_params, student_state, level, grow_rng)
+    slots = [grown]
+  else:
+    slots = growth.active_slots(student_state, level)
+  slots_E = np.zeros(np.asarray(student_state[cms.CMS_COLLECTION][
+      cms.level_name(level)]).shape, np.bool_)
+  slots_E[slots] = True
+  # A copy: the state is donated to the step, and must not take the caller's
+  # (or the teacher's) buffers with it.
+  state = jax.device_put(
+      init_seeding_state(cfg, student_params, student_state, level), shardings,
+      may_alias=False)
+  slots_E = jax.device_put(jnp.asarray(slots_E), sharding_lib.replicated(mesh))
+  progress = metrics_lib.Progress(cfg.num_steps, what='KS step')
+  history, pending = [], None
+  for i in range(cfg.num_steps):
+    loop_rng, step_rng = jax.random.split(loop_rng)
+    prompts, prompt_lengths = draw_prompts(replay, cfg, host_rng, bos_id, pad_id)
+    out = rollout(model, cfg, (state.params, state.model_state), teacher,
+                  prompts, prompt_lengths, step_rng, eos_id=eos_id,
+                  pad_id=pad_id, host_rng=host_rng, judge=judge, decode=decode)
+    state, step_metrics = step_fn(state, out.batch, teacher, slots_E)
+    if pending is not None:  # fetch step i-1's metrics after dispatching step i
+      history.append(_finish(pending, i - 1, on_step))
+    pending = (step_metrics, out.metrics)
+    progress.update(i + 1, {'loss': step_metrics['loss']},
+                    force=i + 1 == cfg.num_steps)
+  if pending is not None:
+    history.append(_finish(pending, cfg.num_steps - 1, on_step))
+  return Consolidation(params=state.params, model_state=state.model_state,
+                       grown_slot=grown, reset_slots=reset_slots,
+                       metrics=history)
+
+
+def _finish(pending, step: int, on_step) -> dict:
+  device_metrics, host_metrics = pending
+  values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  metrics_lib.check_finite(step + 1, values)
+  values.update(host_metrics)
+  if on_step is not None:
+    on_step(step, values)
+  return values
