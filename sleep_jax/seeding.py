@@ -467,7 +467,7 @@ def rollout(model, cfg: SeedingConfig, student, teacher, prompts, prompt_lengths
     r_abs = rewards.levenshtein_reward(
         completions.tokens, repeat(reference), z0=cfg.z0,
         pred_lengths=completions.lengths, ref_lengths=repeat(ref_len))
-    reward = np.asarray(r_abs) * (1.0 - cfg.gamma)
+    reward = r_abs * (1.0 - cfg.gamma)
     if cfg.gamma > 0:
       same = judge.same_meaning(
           rewards.decode_rows(decode, completions.tokens, completions.lengths),

@@ -25,6 +25,8 @@ def test_sentencepiece_trains_deterministically_and_round_trips(tmp_path):
     ids = tok.encode(text, add_bos=True, add_eos=True)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert tok.decode(ids) == text
+  # Ids past the vocabulary (a model's padded embedding rows) are dropped.
+  assert tok.decode(tok.encode(texts[0]) + [400, 511]) == texts[0]
   path = str(tmp_path / tokenizers.TOKENIZER_FILENAME)
   tok.save(path)
   assert tokenizers.SentencePieceTokenizer.load(path).encode(texts[1]) == tok.encode(texts[1])

@@ -88,3 +88,19 @@ def test_tiny_lm_cms_variants_and_bad_levels_fail_early():
               '--config=experiments/configs/cms_recall.py:smoke',
               '--config.model.mlp=swiglu', '--workdir=/tmp/unused', check=False)
   assert proc.returncode != 0 and 'cms_levels' in proc.stderr
+
+
+def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
+  proc = _run('experiments.seeding',
+              '--config=experiments/configs/seeding.py:smoke',
+              '--config.sleep.alpha=0.5', f'--workdir={tmp_path}')
+  results = json.load(open(tmp_path / 'results.json'))
+  run, = results['runs']
+  assert run['sleep']['alpha'] == 0.5
+  assert 0 <= run['recall']['new'] <= 1 and 0 <= results['teacher']['base'] <= 1
+  assert 'setting ' in proc.stdout and '% of teacher' in proc.stdout
+  proc = _run('experiments.seeding',
+              '--config=experiments/configs/seeding.py:smoke',
+              '--config.sleep.alpha=2', '--workdir=/tmp/unused', check=False)
+  assert proc.returncode != 0 and 'sleep.alpha=2' in proc.stderr
+  assert 'Compiling' not in proc.stderr and 'base step' not in proc.stdout

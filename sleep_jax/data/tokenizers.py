@@ -75,8 +75,11 @@ class SentencePieceTokenizer:
         [self.eos_id] if add_eos else [])
 
   def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`; specials and ids past the vocabulary (a model's
+    embedding table is often padded beyond it) are dropped."""
     specials = {self.bos_id, self.eos_id, self.pad_id}
-    return self._sp.decode([int(i) for i in ids if int(i) not in specials])
+    return self._sp.decode([int(i) for i in ids if int(i) not in specials
+                            and 0 <= int(i) < self.vocab_size])
 
 
 class HFTokenizer:

@@ -1,0 +1,28 @@
+r"""The Knowledge Seeding study: consolidating a fast level into a slow one.
+
+    python -m experiments.seeding --config=experiments/configs/seeding.py \
+        --workdir=/tmp/seeding
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sleep_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'experiments/configs/seeding.py',
+    'Path to a config file, optionally with ":variant".', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/seeding', 'Output directory.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  sharding.maybe_initialize_distributed()
+  from sleep_jax import seeding_study  # after distributed init, by design
+  seeding_study.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
