@@ -15,7 +15,9 @@
    no-knowledge level) and the student after seeding.
 
 Writes results.json and prints a table; `recovered` is the student's new-fact
-recall after seeding over the teacher's.
+recall after seeding over the teacher's; `base_vs_teacher` / `base_vs_before`
+the change of base recall against the teacher and against the student before
+seeding.
 """
 
 from __future__ import annotations
@@ -127,13 +129,15 @@ def run(config, workdir: str) -> dict[str, Any]:
     entry = {'sleep': dataclasses.asdict(cfg), 'label': _label(cfg),
              'recall': after,
              'recovered': after['new'] / max(results['teacher']['new'], 1e-9),
-             'base_change': after['base'] - results['student_before']['base'],
+             'base_vs_teacher': after['base'] - results['teacher']['base'],
+             'base_vs_before': after['base'] - results['student_before']['base'],
              'seconds': time.perf_counter() - t0,
              'final_metrics': out.metrics[-1]}
     results['runs'].append(entry)
     print(f"[{entry['label']}] new {after['new']:.3f} "
           f"({100 * entry['recovered']:.0f}% of teacher), base "
-          f"{after['base']:.3f} ({100 * entry['base_change']:+.1f} pts), "
+          f"{after['base']:.3f} ({100 * entry['base_vs_teacher']:+.1f} pts vs "
+          f"the teacher), "
           f"{entry['seconds']:.0f}s", flush=True)
   results['seconds'] = time.perf_counter() - t_start
   results['config'] = config.to_dict()
