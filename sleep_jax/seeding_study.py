@@ -83,7 +83,8 @@ def _wake_teacher(model, params, model_state, config, data, mesh, rules):
 
 
 def _label(cfg: seeding.SeedingConfig) -> str:
-  return f'alpha={cfg.alpha:g} lmbda={cfg.lmbda:g} gamma={cfg.gamma:g}'
+  return (f'alpha={cfg.alpha:g} lmbda={cfg.lmbda:g} gamma={cfg.gamma:g} '
+          f'steps={cfg.num_steps}')
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -143,8 +144,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   results['config'] = config.to_dict()
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
-  print('setting                      | new recall | % of teacher | base recall')
+  print(f"{'setting':38s} | new recall | % of teacher | base recall")
   for r in results['runs']:
-    print(f"{r['label']:28s} | {r['recall']['new']:.3f}      | "
+    print(f"{r['label']:38s} | {r['recall']['new']:.3f}      | "
           f"{100 * r['recovered']:5.0f}%       | {r['recall']['base']:.3f}")
   return results
