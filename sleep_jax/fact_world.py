@@ -39,10 +39,23 @@ class FactWorld:
 
   def passages(self, people) -> dict[str, np.ndarray]:
     """Every sentence about `people` as rows: inputs, targets, mask."""
-    rows = [self.tokenizer.encode(s, add_bos=True, add_eos=True)
-            for p in people for s in facts.all_sentences(p)]
+    return self._rows([s for p in people for s in facts.all_sentences(p)])
+
+  def documents(self, people, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One row per person: their passage, then one of its facts restated in a
+    random paraphrase. On people met nowhere else, the restatement can only
+    be predicted by copying from the passage: this teaches in-context use."""
+    texts = []
+    for person in people:
+      attribute, value = person.attributes[rng.integers(len(person.attributes))]
+      restated = facts.paraphrase(attribute, person.name, value, rng)
+      texts.append(' '.join(facts.passages(person, rng) + [restated]))
+    return self._rows(texts)
+
+  def _rows(self, texts) -> dict[str, np.ndarray]:
+    rows = [self.tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]
     if max(map(len, rows)) > self.seq_len + 1:
-      raise ValueError(f'a sentence has {max(map(len, rows))} tokens; raise '
+      raise ValueError(f'a row has {max(map(len, rows))} tokens; raise '
                        f'data.seq_len (now {self.seq_len}).')
     examples = [pipeline.pad_document(np.asarray(row), self.seq_len + 1,
                                       self.tokenizer.pad_id) for row in rows]

@@ -73,8 +73,15 @@ def make_people(num_people: int, seed: int) -> list[Person]:
 
 def passages(person: Person, rng: np.random.Generator) -> list[str]:
   """One sentence per attribute, each in a randomly chosen paraphrase."""
-  return [_TEMPLATES[a][rng.integers(len(_TEMPLATES[a]))].format(
-      name=person.name, value=value) for a, value in person.attributes]
+  return [paraphrase(a, person.name, value, rng)
+          for a, value in person.attributes]
+
+
+def paraphrase(attribute: str, name: str, value: str,
+               rng: np.random.Generator) -> str:
+  """One fact in a randomly chosen paraphrase."""
+  templates = _TEMPLATES[attribute]
+  return templates[rng.integers(len(templates))].format(name=name, value=value)
 
 
 def all_sentences(person: Person) -> list[str]:

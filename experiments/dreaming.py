@@ -1,0 +1,28 @@
+r"""The dreaming study: ReST-EM and rehearsal on a toy world.
+
+    python -m experiments.dreaming --config=experiments/configs/dreaming.py \
+        --workdir=/tmp/dreaming
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sleep_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'experiments/configs/dreaming.py',
+    'Path to a config file, optionally with ":variant".', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/dreaming', 'Output directory.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  sharding.maybe_initialize_distributed()
+  from sleep_jax import dreaming_study  # after distributed init, by design
+  dreaming_study.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

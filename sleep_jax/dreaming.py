@@ -1,0 +1,555 @@
+"""Dreaming, the self-modifying stage of sleep (DESIGN §5).
+
+Given tasks (C, tau) — a context C and closed-book items about it — the model:
+
+1. **generates** `num_dreams` continuations of `prompt(C)` with the shared
+   sampler, random-expert injection on by default (`generate`);
+2. **selects** per context the `keep_top` dreams whose LM-loss gradient best
+   matches the context's own gradient (cosine, or `score='norm'`), plus
+   `keep_random` others at random (`select`, `keep`);
+3. **evaluates** each kept dream in an isolated copy: a fresh LoRA trained
+   for `eval_steps` SFT steps on that dream alone, reward 1 iff tau rises
+   over the same copy before SFT. All copies run in one jitted `vmap`
+   (`evaluate`; `chunk_size` bounds memory), not one after another;
+4. **ReST-EM**: for `rounds` rounds, SFT the dream generator's LoRA on the
+   rewarded (prompt, dream) pairs, then sample again (`rest_em`);
+5. **rehearses**: trains only the expert slots unlocked in this sleep on the
+   accepted dreams, so dreaming cannot move older parameters (`rehearse`).
+
+Our readings where DESIGN is open: the dream generator is the model plus its
+own LoRA (`generator`), which only ReST-EM trains; answers are always given
+by the model without it. Selection gradients are taken with respect to a
+fixed, seeded LoRA at b = 0, so g = scale * a^T dW per kernel: a random
+projection of the kernel gradients, which costs a LoRA's worth of memory per
+dream and never forms the full model's gradient. Every function is jitted
+once per shape, so a later sleep cycle reuses the programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sleep_jax import growth
+from sleep_jax import metrics as metrics_lib
+from sleep_jax import sampling
+from sleep_jax.models import cms
+from sleep_jax.models import lora
+from sleep_jax.models.transformer import variables
+from sleep_jax.seeding import completion_logprobs, join
+from sleep_jax.wake import level_params, with_level_params
+
+# Prompt templates for text tasks; '{context}' is replaced by the passage.
+TEMPLATES = {
+    'continue': '{context}',
+    'rewrite': '{context}\nThe same passage, in other words:\n',
+    'implications': '{context}\nImplications of the passage above:\n',
+    'self_qa': '{context}\nQuestions about the passage above, with answers:\n',
+}
+_TAU = ('accuracy', 'answer_logprob')
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamingConfig:
+  """Every knob of the dreaming stage (config keys `dreaming.*`)."""
+  enabled: bool = True                # False: the "- dreaming" ablation
+  num_dreams: int = 8                 # m per context
+  max_new_tokens: int = 24
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  random_expert: bool = True          # False: the "- random expert" ablation
+  template: str = 'continue'          # a key of TEMPLATES
+  selection: str = 'gradient'         # 'random': "- gradient selection"
+  score: str = 'cosine'               # or 'norm'
+  keep_top: int = 2                   # k per context
+  keep_random: int = 1                # b per context
+  tau: str = 'accuracy'               # or 'answer_logprob'
+  eval_steps: int = 4
+  eval_learning_rate: float = 1e-2
+  chunk_size: int = 0                 # copies per vmapped chunk; 0 = all
+  rounds: int = 2                     # R of ReST-EM
+  rest_steps: int = 30
+  rest_batch_size: int = 8
+  rest_learning_rate: float = 3e-3
+  rehearse_steps: int = 100
+  rehearse_batch_size: int = 16
+  rehearse_learning_rate: float = 3e-3
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_targets: tuple[tuple[str, int], ...] = (
+      (r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
+      (r'(up|gate|down)_kernel$', 1))
+
+  def __post_init__(self):
+    def need(ok, key, fix):
+      if not ok:
+        raise ValueError(f'dreaming.{key}={getattr(self, key)!r} {fix}.')
+    for key in ('num_dreams', 'max_new_tokens', 'eval_steps', 'rest_batch_size',
+                'rehearse_batch_size'):
+      need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1,
+           key, 'must be an integer >= 1')
+    for key in ('keep_top', 'keep_random', 'rounds', 'rest_steps',
+                'rehearse_steps', 'chunk_size'):
+      need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0,
+           key, 'must be an integer >= 0')
+    need(self.keep_top + self.keep_random >= 1, 'keep_top',
+         'plus keep_random must keep at least one dream')
+    need(self.keep_top + self.keep_random <= self.num_dreams, 'keep_top',
+         f'plus keep_random={self.keep_random} must be <= num_dreams='
+         f'{self.num_dreams}')
+    need(self.temperature >= 0, 'temperature', 'must be >= 0 (0 = greedy)')
+    need(0 < self.top_p <= 1, 'top_p', 'must be in (0, 1]')
+    need(self.template in TEMPLATES, 'template', f'is not one of {sorted(TEMPLATES)}')
+    need(self.selection in ('gradient', 'random'), 'selection',
+         "must be 'gradient' or 'random'")
+    need(self.score in ('cosine', 'norm'), 'score', "must be 'cosine' or 'norm'")
+    need(self.tau in _TAU, 'tau', f'must be one of {_TAU}')
+    for key in ('eval_learning_rate', 'rest_learning_rate',
+                'rehearse_learning_rate'):
+      need(getattr(self, key) > 0, key, 'must be > 0')
+    self.lora  # validates rank, alpha and targets
+
+  @property
+  def lora(self) -> lora.LoraConfig:
+    try:
+      return lora.LoraConfig(self.lora_rank, self.lora_alpha,
+                             tuple(map(tuple, self.lora_targets)))
+    except ValueError as e:
+      raise ValueError(f'dreaming: {e}'.replace('lora.', 'dreaming.lora_')
+                       ) from None
+
+  @property
+  def kept_per_context(self) -> int:
+    return self.keep_top + self.keep_random
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], key: str = 'dreaming'
+                ) -> 'DreamingConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'{key} has unknown keys {unknown}; valid: '
+                       f'{sorted(known)}.')
+    values = dict(values)
+    if 'lora_targets' in values:
+      values['lora_targets'] = tuple((str(p), int(n))
+                                     for p, n in values['lora_targets'])
+    return cls(**values)
+
+
+class Tasks(NamedTuple):
+  """C contexts with their prompts and Q closed-book items each.
+
+  prompts / prompt_lengths: int32 [C, P] right-padded `prompt(C)`, [C];
+  contexts / context_lengths: int32 [C, W] the context alone (BOS first),
+  used for the selection gradient; items: `eval.encode_items` arrays with a
+  context axis, inputs / targets / answer_mask [C, Q, L].
+  """
+  prompts: np.ndarray
+  prompt_lengths: np.ndarray
+  contexts: np.ndarray
+  context_lengths: np.ndarray
+  items: Mapping[str, np.ndarray]
+
+
+def render_prompts(tokenizer, contexts: list[str], template: str, width: int):
+  """`TEMPLATES[template]` around each context, tokenised with BOS: [C, width]."""
+  rows = [tokenizer.encode(TEMPLATES[template].format(context=c), add_bos=True)
+          for c in contexts]
+  longest = max(map(len, rows))
+  if longest > width:
+    raise ValueError(f'a dream prompt has {longest} tokens > width {width}; '
+                     'raise the prompt width or shorten the contexts.')
+  tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  return tokens, np.asarray([len(r) for r in rows], np.int32)
+
+
+# ------------------------------------------------------------------ losses ---
+
+
+def sft_loss(model: nn.Module, params, model_state, tokens_BxL, mask_BxL):
+  """Mean next-token NLL at the positions `mask` marks (seeding.join's)."""
+  logits = model.apply(variables(params, model_state), tokens_BxL)
+  logp = completion_logprobs(logits, tokens_BxL)
+  return -(logp * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1.0)
+
+
+def tau(model: nn.Module, params, model_state, items, metric: str):
+  """The task metric on one context's items [Q, L]: 'accuracy' = fraction
+  recalled exactly (eval.recall_accuracy's rule), 'answer_logprob' = mean
+  log-probability per answer token."""
+  logits = model.apply(variables(params, model_state), items['inputs'])
+  answer = items['answer_mask']
+  if metric == 'accuracy':
+    hit = (jnp.argmax(logits, -1) == items['targets']) | (answer == 0)
+    return jnp.mean(jnp.all(hit, -1).astype(jnp.float32))
+  logp = jax.nn.log_softmax(logits, -1)
+  picked = jnp.take_along_axis(logp, items['targets'][..., None], -1)[..., 0]
+  per_item = (picked * answer).sum(-1) / jnp.maximum(answer.sum(-1), 1.0)
+  return per_item.mean()
+
+
+def dream_rows(dreams_BxN, lengths_B, *, bos_id: int, pad_id: int):
+  """SFT rows `BOS + dream` and their loss masks (the dream alone is the data)."""
+  batch = dreams_BxN.shape[0]
+  bos = jnp.full((batch, 1), bos_id, jnp.int32)
+  return join(bos, jnp.ones((batch,), jnp.int32), jnp.asarray(dreams_BxN),
+              jnp.asarray(lengths_B), pad_id=pad_id)
+
+
+# --------------------------------------------------------------- generate ---
+
+
+def generate(model: nn.Module, params, model_state, generator, tasks: Tasks,
+             cfg: DreamingConfig, rng, *, eos_id: int, pad_id: int):
+  """`num_dreams` samples per context: (tokens [C*m, N], lengths [C*m]).
+
+  Row i is a dream about context i // num_dreams. `generator` is the dream
+  LoRA (None = the model itself).
+  """
+  m = cfg.num_dreams
+  prompts = np.repeat(tasks.prompts, m, axis=0)
+  lengths = np.repeat(tasks.prompt_lengths, m, axis=0)
+  gen_params = params if generator is None else _merge(params, generator,
+                                                       cfg.lora)
+  out = sampling.sample(
+      model, gen_params, prompts, lengths, max_new_tokens=cfg.max_new_tokens,
+      rng=rng, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+      eos_id=eos_id, pad_id=pad_id, model_state=model_state,
+      random_expert=cfg.random_expert)
+  return out.tokens, out.lengths
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _merge(params, adapter, cfg: lora.LoraConfig):
+  return lora.merge(params, adapter, cfg)
+
+
+# ----------------------------------------------------------------- select ---
+
+
+def _flat(tree):
+  return jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(tree)])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def gradient_scores(model: nn.Module, cfg: DreamingConfig, params, model_state,
+                    rng, dream_tokens, dream_masks, context_tokens,
+                    context_masks, context_index):
+  """Per-dream score [n]: cosine(g_dream, g_its_context) or ||g_dream||.
+
+  Gradients are of the SFT loss with respect to a seeded LoRA only (module
+  docstring), one dream per vmapped lane.
+  """
+  adapter = lora.init(params, cfg.lora, rng)
+
+  def grad_of(tokens_L, mask_L):
+    loss = lambda a: sft_loss(model, lora.merge(params, a, cfg.lora),
+                              model_state, tokens_L[None], mask_L[None])
+    return _flat(jax.grad(loss)(adapter))
+
+  g_dreams = jax.vmap(grad_of)(dream_tokens, dream_masks)
+  if cfg.score == 'norm':
+    return jnp.linalg.norm(g_dreams, axis=-1)
+  g_contexts = jax.vmap(grad_of)(context_tokens, context_masks)[context_index]
+  dot = (g_dreams * g_contexts).sum(-1)
+  norms = jnp.linalg.norm(g_dreams, axis=-1) * jnp.linalg.norm(g_contexts, axis=-1)
+  return dot / jnp.maximum(norms, 1e-12)
+
+
+def keep(scores_CxM: np.ndarray | None, num_contexts: int, cfg: DreamingConfig,
+         rng: np.random.Generator) -> np.ndarray:
+  """Indices [C, k+b] into the C*m dreams: per context the top `keep_top` by
+  score, then `keep_random` distinct others uniformly; all random when
+  `scores_CxM` is None. No dream is kept twice."""
+  m, k, b = cfg.num_dreams, cfg.keep_top, cfg.keep_random
+  rows = []
+  for c in range(num_contexts):
+    if scores_CxM is None:
+      chosen = rng.choice(m, size=k + b, replace=False)
+    else:
+      order = np.argsort(-np.asarray(scores_CxM[c]), kind='stable')
+      rest = rng.choice(order[k:], size=b, replace=False)
+      chosen = np.concatenate([order[:k], rest])
+    rows.append(c * m + chosen)
+  return np.asarray(rows, np.int32)
+
+
+def select(model: nn.Module, params, model_state, tasks: Tasks, dreams,
+           dream_lengths, cfg: DreamingConfig, rng, host_rng, *, bos_id: int,
+           pad_id: int):
+  """(kept indices [C*(k+b)], scores [C*m] or None for random selection)."""
+  num_contexts = len(tasks.prompts)
+  if cfg.selection == 'random':
+    return keep(None, num_contexts, cfg, host_rng).reshape(-1), None
+  tokens, masks = dream_rows(dreams, dream_lengths, bos_id=bos_id, pad_id=pad_id)
+  ctx = jnp.asarray(tasks.contexts)
+  ctx_len = jnp.asarray(tasks.context_lengths)
+  # The whole context is the data: mask every position that predicts one of
+  # its tokens after BOS.
+  col = jnp.arange(ctx.shape[1])[None, :]
+  ctx_masks = (col < ctx_len[:, None] - 1).astype(jnp.float32)
+  index = jnp.repeat(jnp.arange(num_contexts), cfg.num_dreams)
+  scores = gradient_scores(model, cfg, params, model_state, rng, tokens, masks,
+                           ctx, ctx_masks, index)
+  scores = np.asarray(scores)
+  kept = keep(scores.reshape(num_contexts, cfg.num_dreams), num_contexts, cfg,
+              host_rng)
+  return kept.reshape(-1), scores
+
+
+# --------------------------------------------------------------- evaluate ---
+
+
+class Evaluation(NamedTuple):
+  tau_before: jax.Array  # [N]
+  tau_after: jax.Array   # [N]
+  reward: jax.Array      # [N] 1.0 iff tau_after > tau_before
+  adapters: Any          # the N trained LoRAs (leading copy axis)
+
+
+def isolated_copy(model: nn.Module, cfg: DreamingConfig, params, model_state,
+                  key, tokens_L, mask_L, items):
+  """One dream's isolated evaluation: (tau before, tau after, trained LoRA).
+
+  A fresh LoRA from `key`, `eval_steps` Adam steps on the dream alone.
+  """
+  lcfg = cfg.lora
+  adapter = lora.init(params, lcfg, key)
+  tx = optax.adam(cfg.eval_learning_rate)
+  copy_tau = lambda a: tau(model, lora.merge(params, a, lcfg), model_state,
+                           items, cfg.tau)
+  loss = lambda a: sft_loss(model, lora.merge(params, a, lcfg), model_state,
+                            tokens_L[None], mask_L[None])
+
+  def body(_, carry):
+    a, opt_state = carry
+    grads = jax.grad(loss)(a)
+    updates, opt_state = tx.update(grads, opt_state, a)
+    return optax.apply_updates(a, updates), opt_state
+
+  before = copy_tau(adapter)
+  adapter, _ = jax.lax.fori_loop(0, cfg.eval_steps, body,
+                                 (adapter, tx.init(adapter)))
+  return before, copy_tau(adapter), adapter
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate(model, cfg, params, model_state, keys, tokens, masks, items):
+  one = lambda xs: isolated_copy(model, cfg, params, model_state, *xs)
+  n = tokens.shape[0]
+  before, after, adapters = jax.lax.map(
+      one, (keys, tokens, masks, items), batch_size=cfg.chunk_size or n)
+  return Evaluation(before, after, (after > before).astype(jnp.float32),
+                    adapters)
+
+
+def copy_keys(rng, n: int):
+  """The key of isolated copy i is fold_in(rng, i), batched or looped."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+
+
+def evaluate(model: nn.Module, cfg: DreamingConfig, params, model_state, rng,
+             tokens_NxL, mask_NxL, items) -> Evaluation:
+  """All N isolated copies in one compiled program (vmap, `chunk_size` lanes
+  at a time). `items` arrays are per copy: [N, Q, L]."""
+  n = tokens_NxL.shape[0]
+  items = {k: jnp.asarray(items[k]) for k in ('inputs', 'targets',
+                                             'answer_mask')}
+  return _evaluate(model, cfg, params, model_state, copy_keys(rng, n),
+                   jnp.asarray(tokens_NxL), jnp.asarray(mask_NxL), items)
+
+
+# ---------------------------------------------------------------- SFT steps ---
+
+
+def _batches(tokens, mask, steps: int, batch_size: int,
+             host_rng: np.random.Generator):
+  """[steps, batch, L] rows drawn with replacement: one shape whatever the
+  number of rows, so the training scan compiles once."""
+  idx = host_rng.choice(len(tokens), size=(steps, batch_size))
+  return np.asarray(tokens)[idx], np.asarray(mask)[idx]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_generator(model, cfg, params, model_state, generator, tokens_SxBxL,
+                     mask_SxBxL):
+  tx = optax.adam(cfg.rest_learning_rate)
+
+  def step(carry, batch):
+    adapter, opt_state = carry
+    loss_fn = lambda a: sft_loss(model, lora.merge(params, a, cfg.lora),
+                                 model_state, *batch)
+    loss, grads = jax.value_and_grad(loss_fn)(adapter)
+    updates, opt_state = tx.update(grads, opt_state, adapter)
+    return (optax.apply_updates(adapter, updates), opt_state), loss
+
+  (generator, _), losses = jax.lax.scan(
+      step, (generator, tx.init(generator)), (tokens_SxBxL, mask_SxBxL))
+  return generator, losses
+
+
+def train_generator(model, cfg: DreamingConfig, params, model_state, generator,
+                    tokens, mask, host_rng):
+  """ReST-EM's M-step: `rest_steps` Adam steps of the dream LoRA on rows
+  (prompt ++ rewarded dream, loss on the dream) drawn with replacement.
+  Returns (generator, last loss)."""
+  if cfg.rest_steps == 0:
+    return generator, float('nan')
+  batches = _batches(tokens, mask, cfg.rest_steps, cfg.rest_batch_size, host_rng)
+  generator, losses = _train_generator(model, cfg, params, model_state,
+                                       generator, *batches)
+  return generator, float(np.asarray(losses)[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _rehearse(model, cfg, level, params, model_state, slots_E, tokens_SxBxL,
+              mask_SxBxL):
+  tx = optax.adam(cfg.rehearse_learning_rate)
+  trainable = level_params(growth.expert_mask(params, level, slots_E), level)
+
+  def step(carry, batch):
+    tree, opt_state = carry
+    loss_fn = lambda t: sft_loss(model, with_level_params(params, t),
+                                 model_state, *batch)
+    loss, grads = jax.value_and_grad(loss_fn)(tree)
+    grads = growth.mask_tree(grads, trainable)
+    updates, opt_state = tx.update(grads, opt_state, tree)
+    return (growth.apply_masked_updates(tree, updates, trainable),
+            opt_state), loss
+
+  tree = level_params(params, level)
+  (tree, _), losses = jax.lax.scan(step, (tree, tx.init(tree)),
+                                   (tokens_SxBxL, mask_SxBxL))
+  return with_level_params(params, tree), losses
+
+
+def rehearse(model: nn.Module, cfg: DreamingConfig, params, model_state,
+             tokens, mask, *, level: int, slots, host_rng):
+  """`rehearse_steps` Adam steps (one compiled scan) on accepted dream rows,
+  training only the expert `slots` of `level` (those unlocked in this
+  sleep): every other parameter stays bit-identical. Returns (params, the
+  per-step losses)."""
+  slots_E = np.zeros(model_state[cms.CMS_COLLECTION][cms.level_name(level)]
+                     .shape, bool)
+  slots_E[list(slots)] = True
+  batches = _batches(tokens, mask, cfg.rehearse_steps, cfg.rehearse_batch_size,
+                     host_rng)
+  params, losses = _rehearse(model, cfg, level, params, model_state,
+                             jnp.asarray(slots_E), *batches)
+  losses = np.asarray(losses)
+  metrics_lib.check_finite(cfg.rehearse_steps, {'rehearse_loss': losses[-1]})
+  return params, losses
+
+
+def _colocate(adapter, params):
+  """The adapter on the devices of `params` (replicated), so every call of a
+  step sees the same placement and nothing recompiles."""
+  leaf = jax.tree.leaves(params)[0]
+  if not isinstance(leaf, jax.Array) or not leaf.committed:
+    return adapter
+  placement = leaf.sharding
+  if isinstance(placement, jax.sharding.NamedSharding):
+    placement = jax.sharding.NamedSharding(placement.mesh,
+                                           jax.sharding.PartitionSpec())
+  return jax.device_put(adapter, placement)
+
+
+# ---------------------------------------------------------------- the stage ---
+
+
+class Dreaming(NamedTuple):
+  params: Any                 # after rehearsal
+  generator: Any              # the dream LoRA after ReST-EM
+  rounds: list[dict]          # per E-step: reward fraction, tau, ...
+  accepted: dict              # rewarded dreams as SFT rows: tokens, mask
+
+
+def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
+            tasks: Tasks, rng, *, bos_id: int, eos_id: int, pad_id: int,
+            generator=None, host_rng: np.random.Generator | None = None,
+            on_round: Callable[[dict], None] | None = None):
+  """Rounds 0..R of generate -> select -> evaluate, with an M-step (SFT of
+  the dream LoRA on rewarded pairs) after each of the first R.
+
+  Returns (generator, per-round stats, accepted dreams of every round,
+  deduplicated, as SFT rows {'tokens', 'mask'} [A, 1 + max_new_tokens]).
+  """
+  host_rng = host_rng or np.random.default_rng(0)
+  if generator is None:
+    generator = lora.init(params, cfg.lora, jax.random.fold_in(rng, 7))
+  generator = _colocate(generator, params)
+  items = {k: np.asarray(v) for k, v in tasks.items.items()}
+  rounds, accepted = [], {}
+  for r in range(cfg.rounds + 1):
+    key = jax.random.fold_in(rng, r)
+    dreams, lengths = generate(model, params, model_state, generator, tasks,
+                               cfg, jax.random.fold_in(key, 0), eos_id=eos_id,
+                               pad_id=pad_id)
+    dreams, lengths = np.asarray(dreams), np.asarray(lengths)
+    kept, _ = select(model, params, model_state, tasks, dreams, lengths, cfg,
+                     jax.random.fold_in(key, 1), host_rng, bos_id=bos_id,
+                     pad_id=pad_id)
+    context = kept // cfg.num_dreams
+    tokens, masks = dream_rows(dreams[kept], lengths[kept], bos_id=bos_id,
+                               pad_id=pad_id)
+    result = evaluate(model, cfg, params, model_state,
+                      jax.random.fold_in(key, 2), tokens, masks,
+                      {k: v[context] for k, v in items.items()})
+    reward = np.asarray(result.reward) > 0
+    stats = {'round': r, 'reward_fraction': float(reward.mean()),
+             'tau_before': float(np.mean(result.tau_before)),
+             'tau_after': float(np.mean(result.tau_after)),
+             'kept': int(len(kept)), 'rewarded': int(reward.sum())}
+    tokens, masks = np.asarray(tokens), np.asarray(masks)
+    for i in np.flatnonzero(reward):
+      accepted.setdefault(tokens[i].tobytes(), (tokens[i], masks[i]))
+    if r < cfg.rounds and reward.any():
+      # Rows for every kept dream (one shape every round), then the winners.
+      rows, row_masks = join(tasks.prompts[context],
+                             tasks.prompt_lengths[context], dreams[kept],
+                             lengths[kept], pad_id=pad_id)
+      generator, stats['generator_loss'] = train_generator(
+          model, cfg, params, model_state, generator,
+          np.asarray(rows)[reward], np.asarray(row_masks)[reward], host_rng)
+    rounds.append(stats)
+    if on_round:
+      on_round(stats)
+  width = cfg.max_new_tokens + 1
+  acc = {'tokens': np.zeros((0, width), np.int32),
+         'mask': np.zeros((0, width), np.float32)}
+  if accepted:
+    acc = {'tokens': np.stack([t for t, _ in accepted.values()]),
+           'mask': np.stack([m for _, m in accepted.values()])}
+  return generator, rounds, acc
+
+
+def dream(model: nn.Module, cfg: DreamingConfig, params, model_state,
+          tasks: Tasks, rng, *, level: int, slots, bos_id: int, eos_id: int,
+          pad_id: int, generator=None, seed: int = 0,
+          on_round: Callable[[dict], None] | None = None) -> Dreaming:
+  """The whole stage: ReST-EM, then rehearsal of the `slots` of `level`
+  unlocked in this sleep on every accepted dream. `cfg.enabled=False`
+  returns the params unchanged."""
+  if not cfg.enabled:
+    return Dreaming(params, generator, [], {})
+  host_rng = np.random.default_rng(seed)
+  generator, rounds, accepted = rest_em(
+      model, cfg, params, model_state, tasks, rng, bos_id=bos_id,
+      eos_id=eos_id, pad_id=pad_id, generator=generator, host_rng=host_rng,
+      on_round=on_round)
+  if len(accepted['tokens']) and cfg.rehearse_steps:
+    params, _ = rehearse(model, cfg, params, model_state, accepted['tokens'],
+                         accepted['mask'], level=level, slots=slots,
+                         host_rng=host_rng)
+  return Dreaming(params, generator, rounds, accepted)

@@ -1,0 +1,159 @@
+"""The dreaming study: can the model teach itself facts it only read?
+
+1. A world of fictional people (sleep_jax.fact_world). A tiny CMS LM learns
+   the base population closed-book (one sentence per row), and learns to
+   *read*: documents about people met nowhere else (a passage, then one of
+   its facts restated) can only be continued by copying from the passage.
+2. A new expert is unlocked in the slow level, as consolidation leaves it.
+3. Dreaming (sleep_jax.dreaming): the contexts are passages about a session
+   of new people, tau is closed-book recall of their facts. The model dreams
+   continuations of each passage, selects, scores every kept dream in an
+   isolated LoRA copy (all vmapped), runs ReST-EM on its dream LoRA, then
+   rehearses the accepted dreams into the new expert only.
+4. Closed-book recall of the new people and of the base population, before
+   and after, and the fraction of rewarded dreams per ReST-EM round.
+
+Each entry of `config.runs` (dreaming.* overrides, e.g. the ablations) starts
+from the same base model. Writes results.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from sleep_jax import dreaming
+from sleep_jax import eval as eval_lib
+from sleep_jax import fact_world
+from sleep_jax import growth
+from sleep_jax import sharding
+from sleep_jax.data.tasks import facts
+from sleep_jax.models import Transformer, TransformerConfig
+
+
+def validate_config(config):
+  """(model config, [DreamingConfig per run]); fails before any compile."""
+  model_config = TransformerConfig.from_dict(config.model, key='model')
+  if model_config.mlp != 'cms':
+    raise ValueError("the dreaming study rehearses into a CMS expert: set "
+                     "model.mlp='cms'.")
+  level = int(config.rehearse_level)
+  if not 0 <= level < len(model_config.cms_levels):
+    raise ValueError(f'rehearse_level={level} must name a CMS level in '
+                     f'[0, {len(model_config.cms_levels) - 1}].')
+  for key in ('base_people', 'people_per_session', 'batch_size',
+              'reading_people'):
+    if int(config.stream[key]) < 1:
+      raise ValueError(f'stream.{key}={config.stream[key]} must be >= 1.')
+  base = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
+  runs = []
+  for i, overrides in enumerate(config.runs):
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(base)})
+    if unknown:
+      raise ValueError(f'runs[{i}] has unknown keys {unknown}; use '
+                       'dreaming.* field names.')
+    runs.append(dataclasses.replace(base, **dict(overrides)))
+  return model_config, runs or [base]
+
+
+def reading_people(world: fact_world.FactWorld, count: int, seed: int):
+  """`count` people whose names occur nowhere else in the world."""
+  taken = {p.name for p in world.base + sum(world.sessions, [])}
+  people = facts.make_people(count + len(taken), seed + 1_000_003)
+  return [p for p in people if p.name not in taken][:count]
+
+
+def make_tasks(world: fact_world.FactWorld, people, cfg: dreaming.DreamingConfig,
+               prompt_width: int, seed: int) -> dreaming.Tasks:
+  """One context per person: their passage; tau = recall of its facts."""
+  rng = np.random.default_rng(seed)
+  texts = [' '.join(facts.passages(p, rng)) for p in people]
+  prompts, prompt_lengths = dreaming.render_prompts(world.tokenizer, texts,
+                                                    cfg.template, prompt_width)
+  contexts, context_lengths = dreaming.render_prompts(
+      world.tokenizer, texts, 'continue', prompt_width)
+  per_person = [world.recall([p]) for p in people]
+  items = {k: np.stack([x[k] for x in per_person]) for k in per_person[0]}
+  return dreaming.Tasks(prompts, prompt_lengths, contexts, context_lengths,
+                        items)
+
+
+def _label(cfg: dreaming.DreamingConfig, base: dreaming.DreamingConfig) -> str:
+  diff = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+          if getattr(cfg, f.name) != getattr(base, f.name)}
+  return ' '.join(f'{k}={v}' for k, v in diff.items()) or 'default'
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  t_start = time.perf_counter()
+  model_config, runs = validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  world = fact_world.build(config)
+  session = world.sessions[0]
+  evals = {'new': world.recall(session), 'base': world.recall(world.base)}
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  model = Transformer(model_config)
+  data_rng = np.random.default_rng(config.seed)
+  readers = world.documents(
+      reading_people(world, int(config.stream.reading_people), config.world_seed),
+      data_rng)
+  closed_book = world.passages(world.base)
+  data = {k: np.concatenate([closed_book[k], readers[k]]) for k in readers}
+  params, model_state = fact_world.train_base(model, config, data, mesh, rules)
+  params, model_state = jax.device_get((params, model_state))
+  level = int(config.rehearse_level)
+  params, model_state, slot = growth.grow(params, model_state, level,
+                                          jax.random.key(config.seed + 1))
+  recall = lambda p: {k: eval_lib.recall_accuracy(model, p, model_state, v)
+                      for k, v in evals.items()}
+  results = {'before': recall(params), 'chance': 1.0 / 12, 'runs': []}
+  print(f"before dreaming: new {results['before']['new']:.3f}, base "
+        f"{results['before']['base']:.3f}", flush=True)
+  base_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
+  tok = world.tokenizer
+  for cfg in runs:
+    label = _label(cfg, base_cfg)
+    tasks = make_tasks(world, session, cfg, int(config.prompt_width),
+                       config.seed)
+    t0 = time.perf_counter()
+    on_round = functools.partial(_print_round, label)
+    out = dreaming.dream(model, cfg, params, model_state, tasks,
+                         jax.random.key(config.seed + 2), level=level,
+                         slots=[slot], bos_id=tok.bos_id, eos_id=tok.eos_id,
+                         pad_id=tok.pad_id, seed=config.seed, on_round=on_round)
+    after = recall(out.params)
+    entry = {'dreaming': dataclasses.asdict(cfg), 'label': label,
+             'rounds': out.rounds, 'recall': after,
+             'new_gain': after['new'] - results['before']['new'],
+             'base_change': after['base'] - results['before']['base'],
+             'accepted': len(out.accepted.get('tokens', [])),
+             'accepted_examples': [
+                 tok.decode([int(t) for t, m in zip(row[1:], mask[:-1]) if m])
+                 for row, mask in zip(out.accepted.get('tokens', [])[:8],
+                                      out.accepted.get('mask', [])[:8])],
+             'seconds': time.perf_counter() - t0}
+    results['runs'].append(entry)
+    fractions = ' -> '.join(f"{r['reward_fraction']:.2f}" for r in out.rounds)
+    print(f"[{label}] rewarded dreams per round {fractions or '-'}; new "
+          f"{after['new']:.3f} ({100 * entry['new_gain']:+.1f} pts), base "
+          f"{after['base']:.3f} ({100 * entry['base_change']:+.1f} pts), "
+          f"{entry['seconds']:.0f}s", flush=True)
+  results['seconds'] = time.perf_counter() - t_start
+  results['config'] = config.to_dict()
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def _print_round(label: str, stats: dict) -> None:
+  print(f"[{label}] round {stats['round']}: {stats['rewarded']}/"
+        f"{stats['kept']} kept dreams rewarded (tau {stats['tau_before']:.3f}"
+        f" -> {stats['tau_after']:.3f})", flush=True)

@@ -1,0 +1,134 @@
+"""Functional LoRA over any params pytree, batched over independent copies.
+
+A LoRA adapter is a dict keyed by the '/'-joined path of each targeted kernel,
+`{'a': [in, rank], 'b': [rank, out]}`, where `in` is the product of the
+kernel's first `input_ndim` axes and `out` of the rest (q_kernel [D, H, Dh]
+with input_ndim=1: in=D, out=H*Dh). `merge` returns the params with each
+targeted kernel replaced by `W + (alpha / rank) * reshape(a @ b)`; nothing
+else changes, and `b` starts at zero so a fresh adapter is the identity.
+
+Copies: `init(..., copies=N)` gives every leaf a leading copy axis. Map over
+that axis with the base params shared, e.g.
+`jax.vmap(lambda lora: loss(merge(params, lora, cfg)))(lora_N)`; the base
+is broadcast, only the targeted kernels exist once per copy (DESIGN §5.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """rank, alpha (scale = alpha / rank) and the targeted kernels.
+
+  `targets` is a tuple of (regex, input_ndim): a params leaf whose
+  '/'-joined path matches the regex (re.search) gets an adapter, its first
+  input_ndim axes being the input side.
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[tuple[str, int], ...] = ((r'attn/(q|v)_kernel$', 1),)
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f'lora.rank={self.rank!r} must be an integer >= 1.')
+    if not self.alpha > 0:
+      raise ValueError(f'lora.alpha={self.alpha!r} must be > 0.')
+    if not self.targets:
+      raise ValueError('lora.targets is empty: name at least one kernel, '
+                       "e.g. (('attn/(q|v)_kernel$', 1),).")
+    for target in self.targets:
+      if (not isinstance(target, (tuple, list)) or len(target) != 2
+          or not isinstance(target[1], int) or target[1] < 1):
+        raise ValueError(f'lora.targets entry {target!r} must be '
+                         '(regex, input_ndim >= 1).')
+      try:
+        re.compile(target[0])
+      except re.error as e:
+        raise ValueError(f'lora.targets regex {target[0]!r}: {e}') from None
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], key: str = 'lora'
+                ) -> 'LoraConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'{key} has unknown keys {unknown}; valid: '
+                       f'{sorted(known)}.')
+    values = dict(values)
+    if 'targets' in values:
+      values['targets'] = tuple((str(p), int(n)) for p, n in values['targets'])
+    return cls(**values)
+
+
+def path_name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def targets(params, cfg: LoraConfig) -> dict[str, tuple[tuple[int, ...], int]]:
+  """{path: (kernel shape, input_ndim)} of the kernels `cfg` adapts."""
+  found = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = path_name(path)
+    for pattern, input_ndim in cfg.targets:
+      if re.search(pattern, name):
+        if leaf.ndim <= input_ndim:
+          raise ValueError(f'lora target {name} has shape {leaf.shape}: '
+                           f'input_ndim={input_ndim} leaves no output axis.')
+        found[name] = (tuple(leaf.shape), input_ndim)
+        break
+  if not found:
+    raise ValueError(f'lora.targets {[p for p, _ in cfg.targets]} match no '
+                     'params leaf; paths look like '
+                     f'{path_name(jax.tree_util.tree_leaves_with_path(params)[0][0])!r}.')
+  return found
+
+
+def init(params, cfg: LoraConfig, rng, copies: int | None = None):
+  """A fresh adapter (or `copies` independent ones): a ~ N(0, 1/in), b = 0."""
+  adapter = {}
+  for i, (name, (shape, input_ndim)) in enumerate(
+      sorted(targets(params, cfg).items())):
+    fan_in = math.prod(shape[:input_ndim])
+    fan_out = math.prod(shape[input_ndim:])
+    lead = () if copies is None else (copies,)
+    a = jax.random.normal(jax.random.fold_in(rng, i), lead + (fan_in, cfg.rank),
+                          jnp.float32) * fan_in ** -0.5
+    adapter[name] = {'a': a, 'b': jnp.zeros(lead + (cfg.rank, fan_out),
+                                           jnp.float32)}
+  return adapter
+
+
+def merge(params, adapter, cfg: LoraConfig):
+  """params with `W + scale * a @ b` at each adapted kernel (one copy)."""
+  def leaf(path, w):
+    name = path_name(path)
+    if name not in adapter:
+      return w
+    delta = adapter[name]['a'] @ adapter[name]['b']
+    return w + (cfg.scale * delta).reshape(w.shape).astype(w.dtype)
+  unknown = set(adapter) - {path_name(p) for p, _ in
+                            jax.tree_util.tree_leaves_with_path(params)}
+  if unknown:
+    raise ValueError(f'adapter kernels {sorted(unknown)} are not in params.')
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def take(adapter, index):
+  """Copy `index` of a batched adapter."""
+  return jax.tree.map(lambda x: x[index], adapter)
+
+
+def num_params(adapter) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(adapter))

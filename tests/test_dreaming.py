@@ -1,0 +1,301 @@
+"""Dreaming (DESIGN §5): vmapped isolated evaluation, selection, rehearsal."""
+
+import dataclasses
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sleep_jax import dreaming
+from sleep_jax import growth
+from sleep_jax import sampling
+from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.models import lora
+
+BOS, EOS, PAD = 1, 2, 0
+V, D = 37, 32
+
+
+def make_model(tie_embeddings=True):
+  levels = [dict(chunk_size=1, width=16, num_experts=4, rank=4, top_k=2,
+                 learning_rate=0.01, optimizer='adam'),
+            dict(chunk_size=0, width=32, num_experts=4, rank=4, top_k=2,
+                 learning_rate=0.0, optimizer='adam')]
+  config = TransformerConfig.from_dict(dict(
+      vocab_size=V, d_model=D, num_layers=2, num_heads=4, num_kv_heads=2,
+      d_ff=48, max_len=64, mlp='cms', cms_levels=levels,
+      tie_embeddings=tie_embeddings))
+  model = Transformer(config)
+  var = dict(nn.meta.unbox(model.init(jax.random.key(0),
+                                      jnp.zeros((2, 8), jnp.int32))))
+  params = var.pop('params')
+  params, var, slot = growth.grow(params, var, 1, jax.random.key(1))
+  return model, params, var, slot
+
+
+CFG = dreaming.DreamingConfig(
+    num_dreams=4, max_new_tokens=6, keep_top=1, keep_random=1, eval_steps=3,
+    eval_learning_rate=0.05, rounds=1, rest_steps=2, rest_batch_size=2,
+    rehearse_steps=3, rehearse_batch_size=2, lora_rank=2, tau='answer_logprob')
+
+
+def random_rows(n, width, seed):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, V, (n, width)).astype(np.int32)
+  tokens[:, 0] = BOS
+  lengths = rng.integers(4, width + 1, n).astype(np.int32)
+  for i, length in enumerate(lengths):
+    tokens[i, length:] = PAD
+  return tokens, lengths
+
+
+def items_about(dreams, lengths, n_items, seed):
+  """Per row: item 0 asks for the dream's tokens (a prefix of it as prompt,
+  the rest as answer); the others are random."""
+  rng = np.random.default_rng(seed)
+  n, width = dreams.shape
+  inputs = rng.integers(3, V, (n, n_items, width)).astype(np.int32)
+  targets = rng.integers(3, V, (n, n_items, width)).astype(np.int32)
+  answer = np.zeros((n, n_items, width), np.float32)
+  answer[:, :, 2:4] = 1.0
+  for i in range(n):
+    row = np.concatenate([[BOS], dreams[i, :lengths[i]]])
+    inputs[i, 0, :] = PAD
+    targets[i, 0, :] = PAD
+    answer[i, 0, :] = 0.0
+    inputs[i, 0, :len(row) - 1] = row[:-1]
+    targets[i, 0, :len(row) - 1] = row[1:]
+    answer[i, 0, 1:len(row) - 1] = 1.0
+  return {'inputs': inputs, 'targets': targets, 'answer_mask': answer}
+
+
+def make_tasks(num_contexts=3, seed=0):
+  prompts, lengths = random_rows(num_contexts, 10, seed)
+  dreams, dlen = random_rows(num_contexts, 8, seed + 1)
+  return dreaming.Tasks(prompts, lengths, prompts, lengths,
+                        items_about(dreams[:, 1:], dlen - 1, 2, seed))
+
+
+# ----------------------------------------------------- isolated evaluation ---
+
+
+@pytest.mark.parametrize('metric', ['answer_logprob', 'accuracy'])
+def test_vmapped_evaluation_matches_a_python_loop(metric):
+  model, params, state, _ = make_model()
+  cfg = dataclasses.replace(CFG, tau=metric, eval_steps=4, eval_learning_rate=0.02)
+  n = 6
+  raw, raw_len = random_rows(n, 7, seed=3)
+  dreams, lengths = raw[:, 1:], raw_len - 1
+  tokens, masks = dreaming.dream_rows(dreams, lengths, bos_id=BOS, pad_id=PAD)
+  items = items_about(dreams, lengths, 3, seed=4)
+  rng = jax.random.key(5)
+  together = dreaming.evaluate(model, cfg, params, state, rng, tokens, masks,
+                               items)
+  one = jax.jit(lambda key, t, m, it: dreaming.isolated_copy(
+      model, cfg, params, state, key, t, m, it))
+  keys = dreaming.copy_keys(rng, n)
+  for i in range(n):
+    before, after, adapter = one(keys[i], tokens[i], masks[i],
+                                 {k: v[i] for k, v in items.items()})
+    np.testing.assert_allclose(together.tau_before[i], before, atol=1e-5)
+    np.testing.assert_allclose(together.tau_after[i], after, atol=1e-5)
+    assert float(together.reward[i]) == float(after > before)
+    for x, y in zip(jax.tree.leaves(lora.take(together.adapters, i)),
+                    jax.tree.leaves(adapter)):
+      np.testing.assert_allclose(x, y, atol=1e-5)
+  if metric == 'answer_logprob':
+    # SFT on a dream raises the log-likelihood of an item that asks for it.
+    assert np.all(np.asarray(together.tau_after) > np.asarray(together.tau_before))
+  # Chunked (4 lanes at a time, 6 copies) is the same program's result.
+  chunked = dreaming.evaluate(model, dataclasses.replace(cfg, chunk_size=4),
+                              params, state, rng, tokens, masks, items)
+  np.testing.assert_allclose(chunked.tau_after, together.tau_after, atol=1e-5)
+  np.testing.assert_array_equal(chunked.reward, together.reward)
+
+
+# ---------------------------------------------------------------- selection ---
+
+
+def test_keep_is_top_k_plus_distinct_random_others():
+  cfg = dataclasses.replace(CFG, num_dreams=7, keep_top=2, keep_random=3)
+  rng = np.random.default_rng(0)
+  seen_random = set()
+  for trial in range(200):
+    scores = rng.normal(size=(4, 7))
+    kept = dreaming.keep(scores, 4, cfg, rng)
+    assert kept.shape == (4, 5)
+    for c in range(4):
+      local = kept[c] - c * 7
+      assert np.all((local >= 0) & (local < 7))
+      assert len(set(local)) == 5, 'a dream was kept twice'
+      top = np.argsort(-scores[c])[:2]
+      np.testing.assert_array_equal(local[:2], top)
+      assert not set(local[2:]) & set(top)
+      seen_random.update((c, int(x)) for x in local[2:])
+  # Every non-top dream can be drawn as a random extra.
+  assert len({x for _, x in seen_random}) == 7
+  random_cfg = dataclasses.replace(cfg, selection='random')
+  kept = dreaming.keep(None, 4, random_cfg, rng)
+  assert all(len(set(row)) == 5 for row in kept)
+
+
+def flat_adapter_grad_reference(model, params, state, cfg, adapter, tokens, mask):
+  """The LoRA gradient from the full kernel gradient: at b = 0, dL/db =
+  scale * a^T dL/dW and dL/da = 0 (flattened like dreaming._flat)."""
+  loss = lambda p: dreaming.sft_loss(model, p, state, tokens[None], mask[None])
+  full = traverse_util.flatten_dict(jax.grad(loss)(params), sep='/')
+  parts = []
+  for name in sorted(adapter):
+    a = np.asarray(adapter[name]['a'], np.float64)
+    dw = np.asarray(full[name], np.float64).reshape(a.shape[0], -1)
+    parts += [np.zeros(a.size), (cfg.lora.scale * a.T @ dw).ravel()]
+  return np.concatenate(parts)
+
+
+@pytest.mark.parametrize('score', ['cosine', 'norm'])
+def test_gradient_scores_match_the_projected_full_gradient(score):
+  model, params, state, _ = make_model()
+  cfg = dataclasses.replace(CFG, score=score)
+  tokens, lengths = random_rows(6, 9, seed=7)
+  masks = np.asarray(dreaming.dream_rows(tokens[:, 1:], lengths - 1,
+                                         bos_id=BOS, pad_id=PAD)[1])
+  rows = np.asarray(dreaming.dream_rows(tokens[:, 1:], lengths - 1,
+                                        bos_id=BOS, pad_id=PAD)[0])
+  ctx, ctx_len = random_rows(2, 9, seed=8)
+  ctx_mask = (np.arange(9)[None] < ctx_len[:, None] - 1).astype(np.float32)
+  index = np.array([0, 0, 0, 1, 1, 1])
+  rng = jax.random.key(9)
+  got = dreaming.gradient_scores(model, cfg, params, state, rng, rows, masks,
+                                 ctx, ctx_mask, index)
+  adapter = lora.init(params, cfg.lora, rng)
+  ref = lambda t, m: flat_adapter_grad_reference(model, params, state, cfg,
+                                                 adapter, t, m)
+  g_ctx = [ref(ctx[c], ctx_mask[c]) for c in range(2)]
+  for i in range(6):
+    g = ref(rows[i], masks[i])
+    want = (np.linalg.norm(g) if score == 'norm' else
+            g @ g_ctx[index[i]] / (np.linalg.norm(g) * np.linalg.norm(g_ctx[index[i]])))
+    np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=1e-6)
+
+
+def _shapes(jaxpr):
+  """Every intermediate's shape in a jaxpr, sub-jaxprs included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    out += [tuple(v.aval.shape) for v in eqn.outvars]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _shapes(sub)
+  return out
+
+
+def test_selection_never_forms_full_model_gradients():
+  model, params, state, _ = make_model(tie_embeddings=False)
+  assert params['lm_head'].shape == (D, V)
+  tokens, lengths = random_rows(4, 9, seed=1)
+  masks = np.ones((4, 9), np.float32)
+  args = (params, state, jax.random.key(0), tokens, masks, tokens[:2],
+          masks[:2], np.array([0, 0, 1, 1]))
+  jaxpr = jax.make_jaxpr(
+      lambda *a: dreaming.gradient_scores.__wrapped__(model, CFG, *a))(*args)
+  head_grad = lambda s: len(s) >= 2 and s[-2:] == (D, V)
+  assert not any(map(head_grad, _shapes(jaxpr.jaxpr)))
+  # The detector works: a full-params gradient does form the head's gradient.
+  full = jax.make_jaxpr(jax.grad(lambda p: dreaming.sft_loss(
+      model, p, state, tokens, masks)))(params)
+  assert any(map(head_grad, _shapes(full.jaxpr)))
+
+
+# ----------------------------------------------------- rehearsal, the stage ---
+
+
+def test_rehearsal_trains_only_the_unlocked_slot():
+  model, params, state, slot = make_model()
+  tokens, lengths = random_rows(5, 8, seed=2)
+  rows, mask = dreaming.dream_rows(tokens[:, 1:], lengths - 1, bos_id=BOS,
+                                   pad_id=PAD)
+  after, _ = dreaming.rehearse(model, CFG, params, state, np.asarray(rows),
+                               np.asarray(mask), level=1, slots=[slot],
+                               host_rng=np.random.default_rng(0))
+  before = traverse_util.flatten_dict(params, sep='/')
+  after = traverse_util.flatten_dict(jax.device_get(after), sep='/')
+  changed = []
+  for path, old in before.items():
+    new, old = np.asarray(after[path]), np.asarray(old)
+    if 'level_1/lowrank' in path:
+      keep = np.arange(old.shape[0]) != slot
+      np.testing.assert_array_equal(new[keep], old[keep], err_msg=path)
+      changed.append(not np.array_equal(new[slot], old[slot]))
+    elif 'level_1/router' in path:
+      keep = np.arange(old.shape[1]) != slot
+      np.testing.assert_array_equal(new[:, keep], old[:, keep], err_msg=path)
+      changed.append(not np.array_equal(new[:, slot], old[:, slot]))
+    else:
+      np.testing.assert_array_equal(new, old, err_msg=path)
+  assert changed and all(changed)
+
+
+def run_stage(model, params, state, slot, tasks, cfg=CFG, seed=0):
+  return dreaming.dream(model, cfg, params, state, tasks, jax.random.key(seed),
+                        level=1, slots=[slot], bos_id=BOS, eos_id=EOS,
+                        pad_id=PAD, seed=seed)
+
+
+def test_the_stage_runs_and_compiles_once_across_sleep_cycles(compile_counter):
+  model, params, state, slot = make_model()
+  first = run_stage(model, params, state, slot, make_tasks(seed=1), seed=1)
+  assert [r['round'] for r in first.rounds] == [0, 1]
+  assert all(r['kept'] == 3 * 2 for r in first.rounds)
+  # Round 0 rewarded some dreams, so the generator's M-step ran too.
+  assert first.rounds[0]['rewarded'] > 0 and 'generator_loss' in first.rounds[0]
+  assert len(first.accepted['tokens']) > 0
+  with compile_counter() as compiles:
+    second = run_stage(model, first.params, state, slot, make_tasks(seed=3),
+                       seed=3)
+  assert compiles() == 0, f'{compiles()} compilations in the second cycle'
+  assert len(second.rounds) == 2 and second.rounds[0]['rewarded'] > 0
+
+
+def test_ablation_switches():
+  model, params, state, slot = make_model()
+  tasks = make_tasks()
+  off = run_stage(model, params, state, slot, tasks,
+                  dataclasses.replace(CFG, enabled=False))
+  assert off.rounds == [] and off.params is params
+  dreams, lengths = dreaming.generate(model, params, state, None, tasks, CFG,
+                                      jax.random.key(4), eos_id=EOS, pad_id=PAD)
+  kept, scores = dreaming.select(
+      model, params, state, tasks, np.asarray(dreams), np.asarray(lengths),
+      dataclasses.replace(CFG, selection='random'), jax.random.key(0),
+      np.random.default_rng(0), bos_id=BOS, pad_id=PAD)
+  assert scores is None and len(set(kept.tolist())) == len(kept) == 6
+  for random_expert in (True, False):
+    cfg = dataclasses.replace(CFG, random_expert=random_expert)
+    got = dreaming.generate(model, params, state, None, tasks, cfg,
+                            jax.random.key(4), eos_id=EOS, pad_id=PAD)
+    want = sampling.sample(
+        model, params, np.repeat(tasks.prompts, 4, 0),
+        np.repeat(tasks.prompt_lengths, 4, 0), max_new_tokens=6,
+        rng=jax.random.key(4), temperature=1.0, eos_id=EOS, pad_id=PAD,
+        model_state=state, random_expert=random_expert)
+    np.testing.assert_array_equal(got[0], want.tokens)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(keep_top=3, keep_random=2, num_dreams=4), 'dreaming.keep_top=3'),
+    (dict(template='poem'), 'dreaming.template'),
+    (dict(selection='best'), 'dreaming.selection'),
+    (dict(tau='f1'), 'dreaming.tau'),
+    (dict(rounds=-1), 'dreaming.rounds=-1'),
+    (dict(eval_steps=0), 'dreaming.eval_steps=0'),
+    (dict(lora_rank=0), 'dreaming.lora_rank=0'),
+    (dict(temperature=-1.0), 'dreaming.temperature=-1.0'),
+])
+def test_bad_knobs_fail_at_config_time(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    dreaming.DreamingConfig(**overrides)
+  with pytest.raises(ValueError, match='unknown keys'):
+    dreaming.DreamingConfig.from_dict({'num_dream': 3})

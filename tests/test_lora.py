@@ -1,0 +1,105 @@
+"""Functional LoRA (sleep_jax.models.lora) against a numpy reference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.models import lora
+
+
+def make_params():
+  config = TransformerConfig.from_dict(dict(
+      vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+      d_ff=48, max_len=32))
+  model = Transformer(config)
+  params = nn.meta.unbox(model.init(jax.random.key(0),
+                                    jnp.zeros((1, 4), jnp.int32)))['params']
+  return model, params
+
+
+CFG = lora.LoraConfig(rank=3, alpha=6.0, targets=(
+    (r'attn/q_kernel$', 1), (r'attn/o_kernel$', 2), (r'mlp/up_kernel$', 1)))
+
+
+def random_adapter(params, cfg, seed=0):
+  """An adapter with b != 0, so merging changes the kernels."""
+  adapter = lora.init(params, cfg, jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  return {k: {'a': v['a'], 'b': jnp.asarray(rng.normal(size=v['b'].shape),
+                                            jnp.float32)}
+          for k, v in adapter.items()}
+
+
+def test_fresh_adapter_is_the_identity_and_targets_match():
+  _, params = make_params()
+  adapter = lora.init(params, CFG, jax.random.key(1))
+  assert sorted(adapter) == sorted(
+      f'layers_{i}/{k}' for i in range(2)
+      for k in ('attn/q_kernel', 'attn/o_kernel', 'mlp/up_kernel'))
+  # q_kernel [32, 4, 8]: in 32, out 32; o_kernel [4, 8, 32] with two input axes.
+  assert adapter['layers_0/attn/q_kernel']['a'].shape == (32, 3)
+  assert adapter['layers_0/attn/o_kernel']['a'].shape == (32, 3)
+  assert adapter['layers_0/mlp/up_kernel']['b'].shape == (3, 48)
+  merged = lora.merge(params, adapter, CFG)
+  for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_merge_matches_numpy_reference():
+  _, params = make_params()
+  adapter = random_adapter(params, CFG)
+  merged = lora.merge(params, adapter, CFG)
+  scale = 6.0 / 3
+  for layer in range(2):
+    for name, shape in (('attn/q_kernel', (32, 4, 8)), ('attn/o_kernel', (4, 8, 32)),
+                        ('mlp/up_kernel', (32, 48))):
+      key = f'layers_{layer}/{name}'
+      w = np.asarray(params[f'layers_{layer}'][name.split('/')[0]][name.split('/')[1]])
+      a = np.asarray(adapter[key]['a'], np.float64)
+      b = np.asarray(adapter[key]['b'], np.float64)
+      expected = w + scale * (a @ b).reshape(shape)
+      got = merged[f'layers_{layer}'][name.split('/')[0]][name.split('/')[1]]
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  # Untargeted kernels are the very same arrays.
+  assert merged['layers_0']['attn']['k_kernel'] is params['layers_0']['attn']['k_kernel']
+
+
+def test_copies_are_independent_and_vmap_matches_one_by_one():
+  model, params = make_params()
+  batched = lora.init(params, CFG, jax.random.key(3), copies=4)
+  assert batched['layers_1/attn/q_kernel']['a'].shape == (4, 32, 3)
+  a = batched['layers_1/attn/q_kernel']['a']
+  assert not np.allclose(a[0], a[1])
+  batched = jax.tree.map(lambda x: x + 0.01 * jnp.ones_like(x), batched)
+  tokens = jnp.asarray([[1, 5, 7, 9]])
+  logits = lambda ad: model.apply({'params': lora.merge(params, ad, CFG)},
+                                  tokens)
+  together = jax.vmap(logits)(batched)
+  for i in range(4):
+    np.testing.assert_allclose(together[i], logits(lora.take(batched, i)),
+                               rtol=1e-5, atol=1e-5)
+  assert not np.allclose(together[0], together[1])
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(rank=0), 'lora.rank=0'),
+    (dict(alpha=0.0), 'lora.alpha=0.0'),
+    (dict(targets=()), 'lora.targets is empty'),
+    (dict(targets=(('attn/(q', 1),)), 'regex'),
+    (dict(targets=(('attn/q_kernel', 0),)), 'input_ndim >= 1'),
+])
+def test_bad_configs_fail_with_the_key(kwargs, message):
+  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+    lora.LoraConfig(**kwargs)
+
+
+def test_targets_that_match_nothing_or_leave_no_output_axis():
+  _, params = make_params()
+  with pytest.raises(ValueError, match='match no params leaf'):
+    lora.init(params, lora.LoraConfig(targets=(('nope', 1),)), jax.random.key(0))
+  with pytest.raises(ValueError, match='leaves no output axis'):
+    lora.init(params, lora.LoraConfig(targets=(('mlp/up_kernel', 2),)),
+              jax.random.key(0))
