@@ -14,7 +14,10 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
 4. **ReST-EM**: for `rounds` rounds, SFT the dream generator's LoRA on the
    rewarded (prompt, dream) pairs, then sample again (`rest_em`);
 5. **rehearses**: trains only the expert slots unlocked in this sleep on the
-   accepted dreams, so dreaming cannot move older parameters (`rehearse`).
+   accepted dreams, so dreaming cannot move older parameters (`rehearse`),
+   with a generative-replay anchor: KL(model before || model) on the
+   model's own BOS samples (`self_replay`, weight `rehearse_replay`). The
+   new expert is always on; without the anchor it overwrites old facts.
 
 Our readings where DESIGN is open: the dream generator is the model plus its
 own LoRA (`generator`), which only ReST-EM trains; answers are always given
@@ -43,6 +46,7 @@ from sleep_jax import sampling
 from sleep_jax.models import cms
 from sleep_jax.models import lora
 from sleep_jax.models.transformer import variables
+from sleep_jax.divergences import forward_kl
 from sleep_jax.seeding import completion_logprobs, join
 from sleep_jax.wake import level_params, with_level_params
 
@@ -79,9 +83,11 @@ class DreamingConfig:
   rest_steps: int = 30
   rest_batch_size: int = 8
   rest_learning_rate: float = 3e-3
-  rehearse_steps: int = 100
-  rehearse_batch_size: int = 16
+  rehearse_steps: int = 300
+  rehearse_batch_size: int = 32
   rehearse_learning_rate: float = 3e-3
+  rehearse_replay: float = 2.0        # weight of the self-replay KL term
+  replay_samples: int = 2048          # BOS samples of the model before sleep
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_targets: tuple[tuple[str, int], ...] = (
@@ -106,6 +112,9 @@ class DreamingConfig:
          f'plus keep_random={self.keep_random} must be <= num_dreams='
          f'{self.num_dreams}')
     need(self.temperature >= 0, 'temperature', 'must be >= 0 (0 = greedy)')
+    need(self.rehearse_replay >= 0, 'rehearse_replay', 'must be >= 0 (0 = off)')
+    need(isinstance(self.replay_samples, int) and self.replay_samples >= 1,
+         'replay_samples', 'must be an integer >= 1')
     need(0 < self.top_p <= 1, 'top_p', 'must be in (0, 1]')
     need(self.template in TEMPLATES, 'template', f'is not one of {sorted(TEMPLATES)}')
     need(self.selection in ('gradient', 'random'), 'selection',
@@ -413,43 +422,73 @@ def train_generator(model, cfg: DreamingConfig, params, model_state, generator,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _rehearse(model, cfg, level, params, model_state, slots_E, tokens_SxBxL,
-              mask_SxBxL):
+def _rehearse(model, cfg, level, params, model_state, slots_E, batches):
   tx = optax.adam(cfg.rehearse_learning_rate)
   trainable = level_params(growth.expert_mask(params, level, slots_E), level)
+  teacher = variables(params, model_state)  # the model before rehearsal
+
+  def loss_fn(tree, batch):
+    student = with_level_params(params, tree)
+    loss = sft_loss(model, student, model_state, batch['tokens'], batch['mask'])
+    if 'replay_tokens' in batch:
+      tokens = batch['replay_tokens']
+      logits = model.apply(variables(student, model_state), tokens)
+      kept = model.apply(teacher, tokens)
+      loss += cfg.rehearse_replay * forward_kl(logits, kept,
+                                               batch['replay_mask'])
+    return loss
 
   def step(carry, batch):
     tree, opt_state = carry
-    loss_fn = lambda t: sft_loss(model, with_level_params(params, t),
-                                 model_state, *batch)
-    loss, grads = jax.value_and_grad(loss_fn)(tree)
+    loss, grads = jax.value_and_grad(loss_fn)(tree, batch)
     grads = growth.mask_tree(grads, trainable)
     updates, opt_state = tx.update(grads, opt_state, tree)
     return (growth.apply_masked_updates(tree, updates, trainable),
             opt_state), loss
 
   tree = level_params(params, level)
-  (tree, _), losses = jax.lax.scan(step, (tree, tx.init(tree)),
-                                   (tokens_SxBxL, mask_SxBxL))
+  (tree, _), losses = jax.lax.scan(step, (tree, tx.init(tree)), batches)
   return with_level_params(params, tree), losses
 
 
 def rehearse(model: nn.Module, cfg: DreamingConfig, params, model_state,
-             tokens, mask, *, level: int, slots, host_rng):
+             tokens, mask, *, level: int, slots, host_rng, replay=None):
   """`rehearse_steps` Adam steps (one compiled scan) on accepted dream rows,
   training only the expert `slots` of `level` (those unlocked in this
-  sleep): every other parameter stays bit-identical. Returns (params, the
-  per-step losses)."""
+  sleep): every other parameter stays bit-identical. With `replay` rows
+  ({'tokens', 'mask'}), each step adds `rehearse_replay` * KL(model before
+  || model) on a batch of them. Returns (params, the per-step losses)."""
   slots_E = np.zeros(model_state[cms.CMS_COLLECTION][cms.level_name(level)]
                      .shape, bool)
   slots_E[list(slots)] = True
-  batches = _batches(tokens, mask, cfg.rehearse_steps, cfg.rehearse_batch_size,
-                     host_rng)
+  steps, size = cfg.rehearse_steps, cfg.rehearse_batch_size
+  batches = dict(zip(('tokens', 'mask'),
+                     _batches(tokens, mask, steps, size, host_rng)))
+  if replay is not None and cfg.rehearse_replay > 0:
+    batches.update(zip(('replay_tokens', 'replay_mask'),
+                       _batches(replay['tokens'], replay['mask'], steps, size,
+                                host_rng)))
   params, losses = _rehearse(model, cfg, level, params, model_state,
-                             jnp.asarray(slots_E), *batches)
+                             jnp.asarray(slots_E), batches)
   losses = np.asarray(losses)
-  metrics_lib.check_finite(cfg.rehearse_steps, {'rehearse_loss': losses[-1]})
+  metrics_lib.check_finite(steps, {'rehearse_loss': losses[-1]})
   return params, losses
+
+
+def self_replay(model: nn.Module, cfg: DreamingConfig, params, model_state,
+                rng, *, bos_id: int, eos_id: int, pad_id: int):
+  """`replay_samples` continuations of BOS by the model before rehearsal, as
+  SFT rows: what it already knows, replayed so that training the new
+  expert on dreams does not overwrite it (generative replay)."""
+  prompts = np.full((cfg.replay_samples, 1), bos_id, np.int32)
+  out = sampling.sample(
+      model, params, prompts, np.ones((cfg.replay_samples,), np.int32),
+      max_new_tokens=cfg.max_new_tokens, rng=rng, temperature=cfg.temperature,
+      top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
+      model_state=model_state)
+  tokens, mask = dream_rows(out.tokens, out.lengths, bos_id=bos_id,
+                            pad_id=pad_id)
+  return {'tokens': np.asarray(tokens), 'mask': np.asarray(mask)}
 
 
 def _colocate(adapter, params):
@@ -549,7 +588,12 @@ def dream(model: nn.Module, cfg: DreamingConfig, params, model_state,
       eos_id=eos_id, pad_id=pad_id, generator=generator, host_rng=host_rng,
       on_round=on_round)
   if len(accepted['tokens']) and cfg.rehearse_steps:
+    replay = None
+    if cfg.rehearse_replay > 0:
+      replay = self_replay(model, cfg, params, model_state,
+                           jax.random.fold_in(rng, 11), bos_id=bos_id,
+                           eos_id=eos_id, pad_id=pad_id)
     params, _ = rehearse(model, cfg, params, model_state, accepted['tokens'],
                          accepted['mask'], level=level, slots=slots,
-                         host_rng=host_rng)
+                         host_rng=host_rng, replay=replay)
   return Dreaming(params, generator, rounds, accepted)

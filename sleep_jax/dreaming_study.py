@@ -1,7 +1,8 @@
 """The dreaming study: can the model teach itself facts it only read?
 
 1. A world of fictional people (sleep_jax.fact_world). A tiny CMS LM learns
-   the base population closed-book (one sentence per row), and learns to
+   the base population closed-book (one sentence per row, each repeated
+   `stream.closed_book_repeats` times in the mix), and learns to
    *read*: documents about people met nowhere else (a passage, then one of
    its facts restated) can only be continued by copying from the passage.
 2. A new expert is unlocked in the slow level, as consolidation leaves it.
@@ -49,7 +50,7 @@ def validate_config(config):
     raise ValueError(f'rehearse_level={level} must name a CMS level in '
                      f'[0, {len(model_config.cms_levels) - 1}].')
   for key in ('base_people', 'people_per_session', 'batch_size',
-              'reading_people'):
+              'reading_people', 'closed_book_repeats'):
     if int(config.stream[key]) < 1:
       raise ValueError(f'stream.{key}={config.stream[key]} must be >= 1.')
   base = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
@@ -106,7 +107,9 @@ def run(config, workdir: str) -> dict[str, Any]:
       reading_people(world, int(config.stream.reading_people), config.world_seed),
       data_rng)
   closed_book = world.passages(world.base)
-  data = {k: np.concatenate([closed_book[k], readers[k]]) for k in readers}
+  repeats = int(config.stream.closed_book_repeats)
+  data = {k: np.concatenate([closed_book[k]] * repeats + [readers[k]])
+          for k in readers}
   params, model_state = fact_world.train_base(model, config, data, mesh, rules)
   params, model_state = jax.device_get((params, model_state))
   level = int(config.rehearse_level)

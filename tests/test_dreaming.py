@@ -212,14 +212,22 @@ def test_selection_never_forms_full_model_gradients():
 # ----------------------------------------------------- rehearsal, the stage ---
 
 
-def test_rehearsal_trains_only_the_unlocked_slot():
+@pytest.mark.parametrize('with_replay', [False, True])
+def test_rehearsal_trains_only_the_unlocked_slot(with_replay):
   model, params, state, slot = make_model()
   tokens, lengths = random_rows(5, 8, seed=2)
   rows, mask = dreaming.dream_rows(tokens[:, 1:], lengths - 1, bos_id=BOS,
                                    pad_id=PAD)
-  after, _ = dreaming.rehearse(model, CFG, params, state, np.asarray(rows),
-                               np.asarray(mask), level=1, slots=[slot],
-                               host_rng=np.random.default_rng(0))
+  replay = None
+  if with_replay:
+    replay = dreaming.self_replay(model, dataclasses.replace(
+        CFG, replay_samples=3), params, state, jax.random.key(0), bos_id=BOS,
+        eos_id=EOS, pad_id=PAD)
+    assert replay['tokens'].shape == (3, 7) and replay['mask'].sum() > 0
+  after, losses = dreaming.rehearse(
+      model, CFG, params, state, np.asarray(rows), np.asarray(mask), level=1,
+      slots=[slot], host_rng=np.random.default_rng(0), replay=replay)
+  assert losses.shape == (CFG.rehearse_steps,)
   before = traverse_util.flatten_dict(params, sep='/')
   after = traverse_util.flatten_dict(jax.device_get(after), sep='/')
   changed = []
@@ -293,6 +301,7 @@ def test_ablation_switches():
     (dict(eval_steps=0), 'dreaming.eval_steps=0'),
     (dict(lora_rank=0), 'dreaming.lora_rank=0'),
     (dict(temperature=-1.0), 'dreaming.temperature=-1.0'),
+    (dict(rehearse_replay=-0.5), 'dreaming.rehearse_replay=-0.5'),
 ])
 def test_bad_knobs_fail_at_config_time(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -104,3 +104,21 @@ def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
               '--config.sleep.alpha=2', '--workdir=/tmp/unused', check=False)
   assert proc.returncode != 0 and 'sleep.alpha=2' in proc.stderr
   assert 'Compiling' not in proc.stderr and 'base step' not in proc.stdout
+
+
+def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
+  proc = _run('experiments.dreaming',
+              '--config=experiments/configs/dreaming.py:smoke',
+              '--config.dreaming.rounds=1', f'--workdir={tmp_path}')
+  results = json.load(open(tmp_path / 'results.json'))
+  run, = results['runs']
+  assert [r['round'] for r in run['rounds']] == [0, 1]
+  assert all(0 <= r['reward_fraction'] <= 1 for r in run['rounds'])
+  assert 0 <= run['recall']['new'] <= 1 and 0 <= results['before']['base'] <= 1
+  assert 'rewarded dreams per round' in proc.stdout
+  proc = _run('experiments.dreaming',
+              '--config=experiments/configs/dreaming.py:smoke',
+              '--config.dreaming.keep_top=9', '--workdir=/tmp/unused',
+              check=False)
+  assert proc.returncode != 0 and 'dreaming.keep_top=9' in proc.stderr
+  assert 'base step' not in proc.stdout

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                tokenizer_vocab_size=500))
   config.stream = ml_collections.ConfigDict(dict(
       base_people=100, sessions=1, people_per_session=16, batch_size=32,
-      reading_people=3000))
+      reading_people=3000, closed_book_repeats=4))
   config.base_train_steps = 2000
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95,
@@ -45,8 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       selection='gradient', score='cosine', keep_top=3, keep_random=1,
       tau='accuracy', eval_steps=4, eval_learning_rate=1e-2, chunk_size=0,
       rounds=2, rest_steps=30, rest_batch_size=8, rest_learning_rate=3e-3,
-      rehearse_steps=100, rehearse_batch_size=16,
-      rehearse_learning_rate=3e-3, lora_rank=8, lora_alpha=16.0,
+      rehearse_steps=300, rehearse_batch_size=32,
+      rehearse_learning_rate=3e-3, rehearse_replay=2.0, replay_samples=2048,
+      lora_rank=8, lora_alpha=16.0,
       lora_targets=[[r'attn/(q|k|v)_kernel$', 1], [r'attn/o_kernel$', 2],
                     [r'(up|gate|down)_kernel$', 1]]))
   config.runs = []
@@ -69,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.dreaming.update(num_dreams=3, max_new_tokens=4, keep_top=1,
                              keep_random=1, eval_steps=2, rounds=1,
                              rest_steps=2, rest_batch_size=2, rehearse_steps=2,
-                             rehearse_batch_size=2, lora_rank=2)
+                             rehearse_batch_size=2, replay_samples=2,
+                             lora_rank=2)
     else:
       raise ValueError(f'Unknown variant {variant!r} of dreaming.py; valid: '
                        '"" (default), "ablations", "smoke" (comma-separated).')
