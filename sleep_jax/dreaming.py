@@ -21,10 +21,12 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
 
 Our readings where DESIGN is open: the dream generator is the model plus its
 own LoRA (`generator`), which only ReST-EM trains; answers are always given
-by the model without it. Selection gradients are taken with respect to a
-fixed, seeded LoRA at b = 0, so g = scale * a^T dW per kernel: a random
-projection of the kernel gradients, which costs a LoRA's worth of memory per
-dream and never forms the full model's gradient. Every function is jitted
+by the model without it. Training and scoring apply LoRAs unmerged (the
+model's 'lora' collection), so vmapped copies share every base matmul and
+no kernel-sized gradient is ever formed. Selection gradients are taken with
+respect to a fixed, seeded LoRA at b = 0, so g = scale * a^T dW per kernel:
+a random projection of the kernel gradients, a LoRA's worth of memory per
+dream. Every function is jitted
 once per shape, so a later sleep cycle reuses the programs.
 """
 
@@ -45,6 +47,7 @@ from sleep_jax import metrics as metrics_lib
 from sleep_jax import sampling
 from sleep_jax.models import cms
 from sleep_jax.models import lora
+from sleep_jax.models.layers import LORA_COLLECTION
 from sleep_jax.models.transformer import variables
 from sleep_jax.divergences import forward_kl
 from sleep_jax.seeding import completion_logprobs, join
@@ -186,18 +189,30 @@ def render_prompts(tokenizer, contexts: list[str], template: str, width: int):
 # ------------------------------------------------------------------ losses ---
 
 
-def sft_loss(model: nn.Module, params, model_state, tokens_BxL, mask_BxL):
-  """Mean next-token NLL at the positions `mask` marks (seeding.join's)."""
-  logits = model.apply(variables(params, model_state), tokens_BxL)
+def _variables(params, model_state, adapter, cfg: DreamingConfig | None):
+  out = variables(params, model_state)
+  if adapter is not None:
+    out = {**out, LORA_COLLECTION: lora.as_collection(adapter, cfg.lora)}
+  return out
+
+
+def sft_loss(model: nn.Module, params, model_state, tokens_BxL, mask_BxL,
+             adapter=None, cfg: DreamingConfig | None = None):
+  """Mean next-token NLL at the positions `mask` marks (seeding.join's), of
+  the model with an optional LoRA `adapter` (cfg.lora's)."""
+  logits = model.apply(_variables(params, model_state, adapter, cfg),
+                       tokens_BxL)
   logp = completion_logprobs(logits, tokens_BxL)
   return -(logp * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1.0)
 
 
-def tau(model: nn.Module, params, model_state, items, metric: str):
+def tau(model: nn.Module, params, model_state, items, metric: str,
+        adapter=None, cfg: DreamingConfig | None = None):
   """The task metric on one context's items [Q, L]: 'accuracy' = fraction
   recalled exactly (eval.recall_accuracy's rule), 'answer_logprob' = mean
   log-probability per answer token."""
-  logits = model.apply(variables(params, model_state), items['inputs'])
+  logits = model.apply(_variables(params, model_state, adapter, cfg),
+                       items['inputs'])
   answer = items['answer_mask']
   if metric == 'accuracy':
     hit = (jnp.argmax(logits, -1) == items['targets']) | (answer == 0)
@@ -263,8 +278,8 @@ def gradient_scores(model: nn.Module, cfg: DreamingConfig, params, model_state,
   adapter = lora.init(params, cfg.lora, rng)
 
   def grad_of(tokens_L, mask_L):
-    loss = lambda a: sft_loss(model, lora.merge(params, a, cfg.lora),
-                              model_state, tokens_L[None], mask_L[None])
+    loss = lambda a: sft_loss(model, params, model_state, tokens_L[None],
+                              mask_L[None], a, cfg)
     return _flat(jax.grad(loss)(adapter))
 
   g_dreams = jax.vmap(grad_of)(dream_tokens, dream_masks)
@@ -333,13 +348,11 @@ def isolated_copy(model: nn.Module, cfg: DreamingConfig, params, model_state,
 
   A fresh LoRA from `key`, `eval_steps` Adam steps on the dream alone.
   """
-  lcfg = cfg.lora
-  adapter = lora.init(params, lcfg, key)
+  adapter = lora.init(params, cfg.lora, key)
   tx = optax.adam(cfg.eval_learning_rate)
-  copy_tau = lambda a: tau(model, lora.merge(params, a, lcfg), model_state,
-                           items, cfg.tau)
-  loss = lambda a: sft_loss(model, lora.merge(params, a, lcfg), model_state,
-                            tokens_L[None], mask_L[None])
+  copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
+  loss = lambda a: sft_loss(model, params, model_state, tokens_L[None],
+                            mask_L[None], a, cfg)
 
   def body(_, carry):
     a, opt_state = carry
@@ -397,8 +410,7 @@ def _train_generator(model, cfg, params, model_state, generator, tokens_SxBxL,
 
   def step(carry, batch):
     adapter, opt_state = carry
-    loss_fn = lambda a: sft_loss(model, lora.merge(params, a, cfg.lora),
-                                 model_state, *batch)
+    loss_fn = lambda a: sft_loss(model, params, model_state, *batch, a, cfg)
     loss, grads = jax.value_and_grad(loss_fn)(adapter)
     updates, opt_state = tx.update(grads, opt_state, adapter)
     return (optax.apply_updates(adapter, updates), opt_state), loss

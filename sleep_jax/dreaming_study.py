@@ -5,6 +5,8 @@
    `stream.closed_book_repeats` times in the mix), and learns to
    *read*: documents about people met nowhere else (a passage, then one of
    its facts restated) can only be continued by copying from the passage.
+   The slow level starts with `base_experts[1]` trained low-rank experts,
+   so that random-expert injection has something to recombine.
 2. A new expert is unlocked in the slow level, as consolidation leaves it.
 3. Dreaming (sleep_jax.dreaming): the contexts are passages about a session
    of new people, tau is closed-book recall of their facts. The model dreams
@@ -46,7 +48,14 @@ def validate_config(config):
     raise ValueError("the dreaming study rehearses into a CMS expert: set "
                      "model.mlp='cms'.")
   level = int(config.rehearse_level)
-  if not 0 <= level < len(model_config.cms_levels):
+  num_levels = len(model_config.cms_levels)
+  if len(config.base_experts) != num_levels or any(
+      not 0 <= int(n) < lvl.num_experts for n, lvl in
+      zip(config.base_experts, model_config.cms_levels)):
+    raise ValueError(f'base_experts={list(config.base_experts)} needs one '
+                     f'count per CMS level ({num_levels}), each below that '
+                     "level's num_experts (a slot must stay free to grow).")
+  if not 0 <= level < num_levels:
     raise ValueError(f'rehearse_level={level} must name a CMS level in '
                      f'[0, {len(model_config.cms_levels) - 1}].')
   for key in ('base_people', 'people_per_session', 'batch_size',
@@ -110,7 +119,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   repeats = int(config.stream.closed_book_repeats)
   data = {k: np.concatenate([closed_book[k]] * repeats + [readers[k]])
           for k in readers}
-  params, model_state = fact_world.train_base(model, config, data, mesh, rules)
+  params, model_state = fact_world.train_base(
+      model, config, data, mesh, rules,
+      experts_per_level=[int(n) for n in config.base_experts])
   params, model_state = jax.device_get((params, model_state))
   level = int(config.rehearse_level)
   params, model_state, slot = growth.grow(params, model_state, level,

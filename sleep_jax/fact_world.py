@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import eval as eval_lib
+from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
 from sleep_jax import training
@@ -94,14 +95,24 @@ def batches(data, batch_size: int, steps: int, rng: np.random.Generator):
     yield {k: jnp.asarray(v[idx]) for k, v in data.items()}
 
 
-def train_base(model, config, data, mesh, rules):
-  """(params, model_state) after `config.base_train_steps` AdamW steps."""
+def train_base(model, config, data, mesh, rules, experts_per_level=()):
+  """(params, model_state) after `config.base_train_steps` AdamW steps.
+
+  `experts_per_level[l]` low-rank experts of CMS level l are grown first, so
+  the base model trains them too (a level with several active experts).
+  """
   steps = int(config.base_train_steps)
   tx, schedule = training.make_optimizer(config.optimizer, steps)
   tokens = jnp.zeros((config.stream.batch_size, config.data.seq_len), jnp.int32)
   state, shardings = sharding.init_sharded(
       functools.partial(training.create_train_state, model, tx), mesh, rules,
       jax.random.key(config.seed), tokens)
+  for level, count in enumerate(experts_per_level):
+    for i in range(count):
+      params, model_state, _ = growth.grow(
+          state.params, state.model_state, level,
+          jax.random.fold_in(jax.random.key(config.seed + 1), 16 * level + i))
+      state = dataclasses.replace(state, params=params, model_state=model_state)
   step = training.compile_train_step(model, tx, schedule, shardings, mesh, rules)
   progress = metrics_lib.Progress(steps, what='base step')
   rng = np.random.default_rng(config.seed)

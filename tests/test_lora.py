@@ -103,3 +103,21 @@ def test_targets_that_match_nothing_or_leave_no_output_axis():
   with pytest.raises(ValueError, match='leaves no output axis'):
     lora.init(params, lora.LoraConfig(targets=(('mlp/up_kernel', 2),)),
               jax.random.key(0))
+
+
+def test_unmerged_collection_equals_merging():
+  model, params = make_params()
+  cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=(
+      (r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
+      (r'mlp/(gate|up|down)_kernel$', 1)))
+  adapter = random_adapter(params, cfg, seed=4)
+  tokens = jnp.asarray([[1, 5, 7, 9, 3], [2, 4, 6, 8, 10]])
+  merged = model.apply({'params': lora.merge(params, adapter, cfg)}, tokens)
+  unmerged = model.apply({'params': params,
+                          'lora': lora.as_collection(adapter, cfg)}, tokens)
+  plain = model.apply({'params': params}, tokens)
+  np.testing.assert_allclose(unmerged, merged, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(unmerged, plain, atol=1e-3)
+  wrong = lora.LoraConfig(rank=3, targets=((r'attn/o_kernel$', 1),))
+  with pytest.raises(ValueError, match='input_ndim=2'):
+    lora.as_collection(lora.init(params, wrong, jax.random.key(0)), wrong)

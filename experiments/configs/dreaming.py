@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95,
       eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  config.base_experts = [0, 2]   # trained with the base model, per level
   config.rehearse_level = 1
   config.prompt_width = 96
   config.dreaming = ml_collections.ConfigDict(dict(

@@ -29,6 +29,27 @@ def _kernel_init(fan_in_axes_size: int):
   return nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in_axes_size))
 
 
+LORA_COLLECTION = 'lora'
+
+
+def lora_delta(module: nn.Module, kernel_name: str, x, input_ndim: int,
+               out_shape):
+  """x's LoRA correction for `kernel_name`, or 0 if no adapter is passed.
+
+  An adapter arrives as the 'lora' variable collection (see
+  sleep_jax.models.lora.as_collection): {'a': [in, r], 'b': [r, out]} with
+  the scale folded into b. Computing (x @ a) @ b next to x @ W, instead of
+  merging W + a @ b, lets many adapters share one base matmul under vmap.
+  """
+  if not module.has_variable(LORA_COLLECTION, kernel_name):
+    return 0.0
+  adapter = module.get_variable(LORA_COLLECTION, kernel_name)
+  lead = x.shape[:x.ndim - input_ndim]
+  flat = x.reshape(lead + (-1,))
+  h = flat @ adapter['a'].astype(x.dtype)
+  return (h @ adapter['b'].astype(x.dtype)).reshape(lead + tuple(out_shape))
+
+
 class RMSNorm(nn.Module):
   """RMSNorm computed in float32, scaled by a learned per-feature weight."""
 
@@ -91,6 +112,7 @@ class Attention(nn.Module):
                                      ('embed', head_axis, 'head_dim')),
         (cfg.d_model, heads, hd), jnp.float32)
     y = jnp.einsum('bld,dnh->blnh', x, kernel.astype(cfg.compute_dtype))
+    y = y + lora_delta(self, f'{name}_kernel', x, 1, (heads, hd))
     if cfg.qkv_bias:
       bias = self.param(
           f'{name}_bias',
@@ -158,6 +180,8 @@ class Attention(nn.Module):
         (cfg.num_heads, hd, cfg.d_model), jnp.float32)
     y_BxLxD = jnp.einsum('blnh,nhd->bld', out_BxLxHxDh,
                          o_kernel.astype(cfg.compute_dtype))
+    y_BxLxD = y_BxLxD + lora_delta(self, 'o_kernel', out_BxLxHxDh, 2,
+                                   (cfg.d_model,))
     return y_BxLxD, new_cache
 
 
@@ -181,6 +205,9 @@ class SwiGLU(nn.Module):
     gate = kernel('gate_kernel', (cfg.d_model, width), ('embed', 'mlp'), cfg.d_model)
     up = kernel('up_kernel', (cfg.d_model, width), ('embed', 'mlp'), cfg.d_model)
     down = kernel('down_kernel', (width, cfg.d_model), ('mlp', 'embed'), width)
-    h_BxLxF = jax.nn.silu(x_BxLxD @ gate) * (x_BxLxD @ up)
+    project = lambda x, w, name: x @ w + lora_delta(self, name, x, 1,
+                                                    (w.shape[-1],))
+    h_BxLxF = (jax.nn.silu(project(x_BxLxD, gate, 'gate_kernel'))
+               * project(x_BxLxD, up, 'up_kernel'))
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'mlp'))
-    return h_BxLxF @ down
+    return project(h_BxLxF, down, 'down_kernel')

@@ -7,10 +7,12 @@ with input_ndim=1: in=D, out=H*Dh). `merge` returns the params with each
 targeted kernel replaced by `W + (alpha / rank) * reshape(a @ b)`; nothing
 else changes, and `b` starts at zero so a fresh adapter is the identity.
 
-Copies: `init(..., copies=N)` gives every leaf a leading copy axis. Map over
-that axis with the base params shared, e.g.
-`jax.vmap(lambda lora: loss(merge(params, lora, cfg)))(lora_N)`; the base
-is broadcast, only the targeted kernels exist once per copy (DESIGN §5.3).
+Two ways to apply an adapter, with the same result: `merge` (any kernel;
+one merged copy of each adapted kernel) and `as_collection`, the model's
+'lora' variable collection: the Transformer adds (x @ a) @ b next to x @ W.
+The second is the one to vmap over copies (`init(..., copies=N)` gives every
+leaf a leading copy axis): all copies share each base matmul, and gradients
+exist only for a and b, never for a kernel (DESIGN §5.3).
 """
 
 from __future__ import annotations
@@ -123,6 +125,35 @@ def merge(params, adapter, cfg: LoraConfig):
   if unknown:
     raise ValueError(f'adapter kernels {sorted(unknown)} are not in params.')
   return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def as_collection(adapter, cfg: LoraConfig) -> dict:
+  """The adapter as the model's 'lora' variable collection (scale folded
+  into b): `model.apply({'params': p, 'lora': as_collection(ad, cfg)}, x)`
+  equals `model.apply({'params': merge(p, ad, cfg)}, x)` without forming any
+  merged kernel. Only the kernels the Transformer's layers adapt this way
+  (attention q/k/v/o, MLP gate/up/down) are allowed; use `merge` for others.
+  """
+  tree = {}
+  for name, factors in adapter.items():
+    *scopes, kernel = name.split('/')
+    if kernel not in _UNMERGED_KERNELS:
+      raise ValueError(f'{name}: only {sorted(_UNMERGED_KERNELS)} can be '
+                       'adapted without merging; use lora.merge for it.')
+    input_ndim = next(n for p, n in cfg.targets if re.search(p, name))
+    if input_ndim != _UNMERGED_KERNELS[kernel]:
+      raise ValueError(f'{name} takes input_ndim={_UNMERGED_KERNELS[kernel]} '
+                       f'in the Transformer, not {input_ndim}: fix lora.targets.')
+    node = tree
+    for scope in scopes:
+      node = node.setdefault(scope, {})
+    node[kernel] = {'a': factors['a'], 'b': cfg.scale * factors['b']}
+  return tree
+
+
+_UNMERGED_KERNELS = {'q_kernel': 1, 'k_kernel': 1, 'v_kernel': 1,
+                     'o_kernel': 2, 'gate_kernel': 1, 'up_kernel': 1,
+                     'down_kernel': 1}
 
 
 def take(adapter, index):
