@@ -5,7 +5,7 @@ r"""The dreaming study (issue 6): ReST-EM and rehearsal on a toy world.
 
 Variants: `:ablations` (default, - random expert, - gradient selection,
 - dreaming: 4 runs from one base model), `:smoke` (seconds, CI);
-comma-separated. Any knob: `--config.dreaming.rounds=3` (every field of
+comma-separated. Any knob: `--config.dreaming.rounds=2` (every field of
 sleep_jax.dreaming.DreamingConfig is a key). A tiny CMS LM learns a base
 population closed-book and learns to read passages; dreaming then turns 16
 passages about new people into closed-book knowledge in a new slow-level
@@ -41,11 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rehearse_level = 1
   config.prompt_width = 96
   config.dreaming = ml_collections.ConfigDict(dict(
-      enabled=True, num_dreams=8, max_new_tokens=28, temperature=1.0,
+      enabled=True, num_dreams=16, max_new_tokens=28, temperature=1.0,
       top_k=0, top_p=1.0, random_expert=True, template='continue',
-      selection='gradient', score='cosine', keep_top=3, keep_random=1,
+      selection='gradient', score='cosine', keep_top=6, keep_random=2,
       tau='accuracy', eval_steps=4, eval_learning_rate=1e-2, chunk_size=0,
-      rounds=2, rest_steps=30, rest_batch_size=8, rest_learning_rate=3e-3,
+      rounds=3, rest_steps=30, rest_batch_size=8, rest_learning_rate=3e-3,
       rehearse_steps=300, rehearse_batch_size=32,
       rehearse_learning_rate=3e-3, rehearse_replay=2.0, replay_samples=2048,
       lora_rank=8, lora_alpha=16.0,
