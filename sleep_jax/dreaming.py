@@ -17,7 +17,8 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
    accepted dreams, so dreaming cannot move older parameters (`rehearse`),
    with a generative-replay anchor: KL(model before || model) on the
    model's own BOS samples (`self_replay`, weight `rehearse_replay`). The
-   new expert is always on; without the anchor it overwrites old facts.
+   new expert also fires on old inputs; without the anchor it overwrites
+   old facts.
 
 Our readings where DESIGN is open: the dream generator is the model plus its
 own LoRA (`generator`), which only ReST-EM trains; answers are always given
