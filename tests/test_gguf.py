@@ -7,7 +7,6 @@ import os
 import gguf
 import jax
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from sleep_jax import assets, sampling

@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 

@@ -16,7 +16,6 @@ from typing import Any, Mapping
 
 from absl import logging
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
