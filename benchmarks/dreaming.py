@@ -4,10 +4,10 @@ r"""Isolated LoRA evaluation of N dreams: one vmapped program vs one at a time.
 
 Each dream gets a fresh LoRA, `eval_steps` Adam SFT steps on that dream
 alone, and tau (closed-book recall of its context's items) before and after
-(sleep_jax.dreaming.isolated_copy), on the dreaming study's model shape
+(sleep_jax.dream_sft.isolated_copy), on the dreaming study's model shape
 (experiments/configs/dreaming.py: d_model 96, 3 layers, CMS). Two ways, same
 inputs, same keys:
-  * vmapped:    `dreaming.evaluate`, all N copies in one jitted program;
+  * vmapped:    `dream_sft.evaluate`, all N copies in one jitted program;
   * sequential: the same per-copy function jitted once and called N times in
                 a Python loop, one copy after another (SEAL's structure).
 Both are compiled before timing (compile time is not counted) and checked to
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import dreaming as dreaming_config
+from sleep_jax import dream_sft
 from sleep_jax import dreaming
 from sleep_jax.models import Transformer, TransformerConfig
 
@@ -41,7 +42,7 @@ def _inputs(n: int, vocab: int, width: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   dreams = rng.integers(3, vocab, (n, width)).astype(np.int32)
   lengths = rng.integers(width // 2, width + 1, n).astype(np.int32)
-  tokens, masks = dreaming.dream_rows(dreams, lengths, bos_id=1, pad_id=0)
+  tokens, masks = dream_sft.dream_rows(dreams, lengths, bos_id=1, pad_id=0)
   q, length = 3, 24
   items = {'inputs': rng.integers(3, vocab, (n, q, length)).astype(np.int32),
            'targets': rng.integers(3, vocab, (n, q, length)).astype(np.int32),
@@ -69,7 +70,7 @@ def main(argv):
                                             jnp.zeros((1, 8), jnp.int32))))
   params = variables.pop('params')
   cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
-  one = jax.jit(lambda key, t, m, it: dreaming.isolated_copy(
+  one = jax.jit(lambda key, t, m, it: dream_sft.isolated_copy(
       model, cfg, params, variables, key, t, m, it))
   print(f'per copy: LoRA rank {cfg.lora_rank} on {len(cfg.lora.targets)} '
         f'kernel patterns, {cfg.eval_steps} SFT steps on a '
@@ -79,11 +80,11 @@ def main(argv):
     tokens, masks, items = _inputs(n, model.config.vocab_size,
                                    _DREAM_TOKENS.value)
     rng = jax.random.key(1)
-    keys = dreaming.copy_keys(rng, n)
+    keys = dream_sft.copy_keys(rng, n)
     items_j = {k: jnp.asarray(v) for k, v in items.items()}
 
     def vmapped():
-      return dreaming.evaluate(model, cfg, params, variables, rng, tokens,
+      return dream_sft.evaluate(model, cfg, params, variables, rng, tokens,
                                masks, items).reward
 
     def sequential():
@@ -92,7 +93,7 @@ def main(argv):
 
     together = np.asarray(vmapped())                     # compile + check
     apart = np.asarray(sequential())
-    before = np.asarray(dreaming.evaluate(model, cfg, params, variables, rng,
+    before = np.asarray(dream_sft.evaluate(model, cfg, params, variables, rng,
                                           tokens, masks, items).tau_before)
     if not np.array_equal(together, (apart > before).astype(np.float32)):
       raise RuntimeError('vmapped and sequential rewards differ')

@@ -10,11 +10,13 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
 3. **evaluates** each kept dream in an isolated copy: a fresh LoRA trained
    for `eval_steps` SFT steps on that dream alone, reward 1 iff tau rises
    over the same copy before SFT. All copies run in one jitted `vmap`
-   (`evaluate`; `chunk_size` bounds memory), not one after another;
+   (`dream_sft.evaluate`; `chunk_size` bounds memory), not one after
+   another;
 4. **ReST-EM**: for `rounds` rounds, SFT the dream generator's LoRA on the
    rewarded (prompt, dream) pairs, then sample again (`rest_em`);
 5. **rehearses**: trains only the expert slots unlocked in this sleep on the
-   accepted dreams, so dreaming cannot move older parameters (`rehearse`),
+   accepted dreams, so dreaming cannot move older parameters
+   (`dream_sft.rehearse`),
    with a generative-replay anchor: KL(model before || model) on the
    model's own BOS samples (`self_replay`, weight `rehearse_replay`). The
    new expert also fires on old inputs; without the anchor it overwrites
@@ -22,13 +24,10 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
 
 Our readings where DESIGN is open: the dream generator is the model plus its
 own LoRA (`generator`), which only ReST-EM trains; answers are always given
-by the model without it. Training and scoring apply LoRAs unmerged (the
-model's 'lora' collection), so vmapped copies share every base matmul and
-no kernel-sized gradient is ever formed. Selection gradients are taken with
-respect to a fixed, seeded LoRA at b = 0, so g = scale * a^T dW per kernel:
-a random projection of the kernel gradients, a LoRA's worth of memory per
-dream. Every function is jitted
-once per shape, so a later sleep cycle reuses the programs.
+by the model without it. Selection gradients are taken with respect to a
+fixed, seeded LoRA at b = 0, so g = scale * a^T dW per kernel: a random
+projection of the kernel gradients, a LoRA's worth of memory per dream.
+Every program is jitted once per shape, so a later sleep cycle reuses them.
 """
 
 from __future__ import annotations
@@ -41,18 +40,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sleep_jax import growth
-from sleep_jax import metrics as metrics_lib
 from sleep_jax import sampling
-from sleep_jax.models import cms
+from sleep_jax.dream_sft import (colocate, dream_rows, evaluate, rehearse,
+                                 self_replay, sft_loss, train_generator)
 from sleep_jax.models import lora
-from sleep_jax.models.layers import LORA_COLLECTION
-from sleep_jax.models.transformer import variables
-from sleep_jax.divergences import forward_kl
-from sleep_jax.seeding import completion_logprobs, join
-from sleep_jax.wake import level_params, with_level_params
+from sleep_jax.models.config import dataclass_from_dict
+from sleep_jax.seeding import join
 
 # Prompt templates for text tasks; '{context}' is replaced by the passage.
 TEMPLATES = {
@@ -139,23 +133,14 @@ class DreamingConfig:
       raise ValueError(f'dreaming: {e}'.replace('lora.', 'dreaming.lora_')
                        ) from None
 
-  @property
-  def kept_per_context(self) -> int:
-    return self.keep_top + self.keep_random
-
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], key: str = 'dreaming'
                 ) -> 'DreamingConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f'{key} has unknown keys {unknown}; valid: '
-                       f'{sorted(known)}.')
     values = dict(values)
-    if 'lora_targets' in values:
+    if 'lora_targets' in values:  # lists from a config file: make it hashable
       values['lora_targets'] = tuple((str(p), int(n))
                                      for p, n in values['lora_targets'])
-    return cls(**values)
+    return dataclass_from_dict(cls, values, key)
 
 
 class Tasks(NamedTuple):
@@ -185,51 +170,6 @@ def render_prompts(tokenizer, contexts: list[str], template: str, width: int):
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
   return tokens, np.asarray([len(r) for r in rows], np.int32)
-
-
-# ------------------------------------------------------------------ losses ---
-
-
-def _variables(params, model_state, adapter, cfg: DreamingConfig | None):
-  out = variables(params, model_state)
-  if adapter is not None:
-    out = {**out, LORA_COLLECTION: lora.as_collection(adapter, cfg.lora)}
-  return out
-
-
-def sft_loss(model: nn.Module, params, model_state, tokens_BxL, mask_BxL,
-             adapter=None, cfg: DreamingConfig | None = None):
-  """Mean next-token NLL at the positions `mask` marks (seeding.join's), of
-  the model with an optional LoRA `adapter` (cfg.lora's)."""
-  logits = model.apply(_variables(params, model_state, adapter, cfg),
-                       tokens_BxL)
-  logp = completion_logprobs(logits, tokens_BxL)
-  return -(logp * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1.0)
-
-
-def tau(model: nn.Module, params, model_state, items, metric: str,
-        adapter=None, cfg: DreamingConfig | None = None):
-  """The task metric on one context's items [Q, L]: 'accuracy' = fraction
-  recalled exactly (eval.recall_accuracy's rule), 'answer_logprob' = mean
-  log-probability per answer token."""
-  logits = model.apply(_variables(params, model_state, adapter, cfg),
-                       items['inputs'])
-  answer = items['answer_mask']
-  if metric == 'accuracy':
-    hit = (jnp.argmax(logits, -1) == items['targets']) | (answer == 0)
-    return jnp.mean(jnp.all(hit, -1).astype(jnp.float32))
-  logp = jax.nn.log_softmax(logits, -1)
-  picked = jnp.take_along_axis(logp, items['targets'][..., None], -1)[..., 0]
-  per_item = (picked * answer).sum(-1) / jnp.maximum(answer.sum(-1), 1.0)
-  return per_item.mean()
-
-
-def dream_rows(dreams_BxN, lengths_B, *, bos_id: int, pad_id: int):
-  """SFT rows `BOS + dream` and their loss masks (the dream alone is the data)."""
-  batch = dreams_BxN.shape[0]
-  bos = jnp.full((batch, 1), bos_id, jnp.int32)
-  return join(bos, jnp.ones((batch,), jnp.int32), jnp.asarray(dreams_BxN),
-              jnp.asarray(lengths_B), pad_id=pad_id)
 
 
 # --------------------------------------------------------------- generate ---
@@ -333,190 +273,6 @@ def select(model: nn.Module, params, model_state, tasks: Tasks, dreams,
   return kept.reshape(-1), scores
 
 
-# --------------------------------------------------------------- evaluate ---
-
-
-class Evaluation(NamedTuple):
-  tau_before: jax.Array  # [N]
-  tau_after: jax.Array   # [N]
-  reward: jax.Array      # [N] 1.0 iff tau_after > tau_before
-  adapters: Any          # the N trained LoRAs (leading copy axis)
-
-
-def isolated_copy(model: nn.Module, cfg: DreamingConfig, params, model_state,
-                  key, tokens_L, mask_L, items):
-  """One dream's isolated evaluation: (tau before, tau after, trained LoRA).
-
-  A fresh LoRA from `key`, `eval_steps` Adam steps on the dream alone.
-  """
-  adapter = lora.init(params, cfg.lora, key)
-  tx = optax.adam(cfg.eval_learning_rate)
-  copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
-  loss = lambda a: sft_loss(model, params, model_state, tokens_L[None],
-                            mask_L[None], a, cfg)
-
-  def body(_, carry):
-    a, opt_state = carry
-    grads = jax.grad(loss)(a)
-    updates, opt_state = tx.update(grads, opt_state, a)
-    return optax.apply_updates(a, updates), opt_state
-
-  before = copy_tau(adapter)
-  adapter, _ = jax.lax.fori_loop(0, cfg.eval_steps, body,
-                                 (adapter, tx.init(adapter)))
-  return before, copy_tau(adapter), adapter
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _evaluate(model, cfg, params, model_state, keys, tokens, masks, items):
-  one = lambda xs: isolated_copy(model, cfg, params, model_state, *xs)
-  n = tokens.shape[0]
-  before, after, adapters = jax.lax.map(
-      one, (keys, tokens, masks, items), batch_size=cfg.chunk_size or n)
-  return Evaluation(before, after, (after > before).astype(jnp.float32),
-                    adapters)
-
-
-def copy_keys(rng, n: int):
-  """The key of isolated copy i is fold_in(rng, i), batched or looped."""
-  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
-
-
-def evaluate(model: nn.Module, cfg: DreamingConfig, params, model_state, rng,
-             tokens_NxL, mask_NxL, items) -> Evaluation:
-  """All N isolated copies in one compiled program (vmap, `chunk_size` lanes
-  at a time). `items` arrays are per copy: [N, Q, L]."""
-  n = tokens_NxL.shape[0]
-  items = {k: jnp.asarray(items[k]) for k in ('inputs', 'targets',
-                                             'answer_mask')}
-  return _evaluate(model, cfg, params, model_state, copy_keys(rng, n),
-                   jnp.asarray(tokens_NxL), jnp.asarray(mask_NxL), items)
-
-
-# ---------------------------------------------------------------- SFT steps ---
-
-
-def _batches(tokens, mask, steps: int, batch_size: int,
-             host_rng: np.random.Generator):
-  """[steps, batch, L] rows drawn with replacement: one shape whatever the
-  number of rows, so the training scan compiles once."""
-  idx = host_rng.choice(len(tokens), size=(steps, batch_size))
-  return np.asarray(tokens)[idx], np.asarray(mask)[idx]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_generator(model, cfg, params, model_state, generator, tokens_SxBxL,
-                     mask_SxBxL):
-  tx = optax.adam(cfg.rest_learning_rate)
-
-  def step(carry, batch):
-    adapter, opt_state = carry
-    loss_fn = lambda a: sft_loss(model, params, model_state, *batch, a, cfg)
-    loss, grads = jax.value_and_grad(loss_fn)(adapter)
-    updates, opt_state = tx.update(grads, opt_state, adapter)
-    return (optax.apply_updates(adapter, updates), opt_state), loss
-
-  (generator, _), losses = jax.lax.scan(
-      step, (generator, tx.init(generator)), (tokens_SxBxL, mask_SxBxL))
-  return generator, losses
-
-
-def train_generator(model, cfg: DreamingConfig, params, model_state, generator,
-                    tokens, mask, host_rng):
-  """ReST-EM's M-step: `rest_steps` Adam steps of the dream LoRA on rows
-  (prompt ++ rewarded dream, loss on the dream) drawn with replacement.
-  Returns (generator, last loss)."""
-  if cfg.rest_steps == 0:
-    return generator, float('nan')
-  batches = _batches(tokens, mask, cfg.rest_steps, cfg.rest_batch_size, host_rng)
-  generator, losses = _train_generator(model, cfg, params, model_state,
-                                       generator, *batches)
-  return generator, float(np.asarray(losses)[-1])
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _rehearse(model, cfg, level, params, model_state, slots_E, batches):
-  tx = optax.adam(cfg.rehearse_learning_rate)
-  trainable = level_params(growth.expert_mask(params, level, slots_E), level)
-  teacher = variables(params, model_state)  # the model before rehearsal
-
-  def loss_fn(tree, batch):
-    student = with_level_params(params, tree)
-    loss = sft_loss(model, student, model_state, batch['tokens'], batch['mask'])
-    if 'replay_tokens' in batch:
-      tokens = batch['replay_tokens']
-      logits = model.apply(variables(student, model_state), tokens)
-      kept = model.apply(teacher, tokens)
-      loss += cfg.rehearse_replay * forward_kl(logits, kept,
-                                               batch['replay_mask'])
-    return loss
-
-  def step(carry, batch):
-    tree, opt_state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(tree, batch)
-    grads = growth.mask_tree(grads, trainable)
-    updates, opt_state = tx.update(grads, opt_state, tree)
-    return (growth.apply_masked_updates(tree, updates, trainable),
-            opt_state), loss
-
-  tree = level_params(params, level)
-  (tree, _), losses = jax.lax.scan(step, (tree, tx.init(tree)), batches)
-  return with_level_params(params, tree), losses
-
-
-def rehearse(model: nn.Module, cfg: DreamingConfig, params, model_state,
-             tokens, mask, *, level: int, slots, host_rng, replay=None):
-  """`rehearse_steps` Adam steps (one compiled scan) on accepted dream rows,
-  training only the expert `slots` of `level` (those unlocked in this
-  sleep): every other parameter stays bit-identical. With `replay` rows
-  ({'tokens', 'mask'}), each step adds `rehearse_replay` * KL(model before
-  || model) on a batch of them. Returns (params, the per-step losses)."""
-  slots_E = np.zeros(model_state[cms.CMS_COLLECTION][cms.level_name(level)]
-                     .shape, bool)
-  slots_E[list(slots)] = True
-  steps, size = cfg.rehearse_steps, cfg.rehearse_batch_size
-  batches = dict(zip(('tokens', 'mask'),
-                     _batches(tokens, mask, steps, size, host_rng)))
-  if replay is not None and cfg.rehearse_replay > 0:
-    batches.update(zip(('replay_tokens', 'replay_mask'),
-                       _batches(replay['tokens'], replay['mask'], steps, size,
-                                host_rng)))
-  params, losses = _rehearse(model, cfg, level, params, model_state,
-                             jnp.asarray(slots_E), batches)
-  losses = np.asarray(losses)
-  metrics_lib.check_finite(steps, {'rehearse_loss': losses[-1]})
-  return params, losses
-
-
-def self_replay(model: nn.Module, cfg: DreamingConfig, params, model_state,
-                rng, *, bos_id: int, eos_id: int, pad_id: int):
-  """`replay_samples` continuations of BOS by the model before rehearsal, as
-  SFT rows: what it already knows, replayed so that training the new
-  expert on dreams does not overwrite it (generative replay)."""
-  prompts = np.full((cfg.replay_samples, 1), bos_id, np.int32)
-  out = sampling.sample(
-      model, params, prompts, np.ones((cfg.replay_samples,), np.int32),
-      max_new_tokens=cfg.max_new_tokens, rng=rng, temperature=cfg.temperature,
-      top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
-      model_state=model_state)
-  tokens, mask = dream_rows(out.tokens, out.lengths, bos_id=bos_id,
-                            pad_id=pad_id)
-  return {'tokens': np.asarray(tokens), 'mask': np.asarray(mask)}
-
-
-def _colocate(adapter, params):
-  """The adapter on the devices of `params` (replicated), so every call of a
-  step sees the same placement and nothing recompiles."""
-  leaf = jax.tree.leaves(params)[0]
-  if not isinstance(leaf, jax.Array) or not leaf.committed:
-    return adapter
-  placement = leaf.sharding
-  if isinstance(placement, jax.sharding.NamedSharding):
-    placement = jax.sharding.NamedSharding(placement.mesh,
-                                           jax.sharding.PartitionSpec())
-  return jax.device_put(adapter, placement)
-
-
 # ---------------------------------------------------------------- the stage ---
 
 
@@ -540,7 +296,7 @@ def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
   host_rng = host_rng or np.random.default_rng(0)
   if generator is None:
     generator = lora.init(params, cfg.lora, jax.random.fold_in(rng, 7))
-  generator = _colocate(generator, params)
+  generator = colocate(generator, params)
   items = {k: np.asarray(v) for k, v in tasks.items.items()}
   rounds, accepted = [], {}
   for r in range(cfg.rounds + 1):

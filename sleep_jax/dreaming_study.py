@@ -39,6 +39,7 @@ from sleep_jax import growth
 from sleep_jax import sharding
 from sleep_jax.data.tasks import facts
 from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.models.config import with_overrides
 
 
 def validate_config(config):
@@ -63,13 +64,8 @@ def validate_config(config):
     if int(config.stream[key]) < 1:
       raise ValueError(f'stream.{key}={config.stream[key]} must be >= 1.')
   base = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
-  runs = []
-  for i, overrides in enumerate(config.runs):
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(base)})
-    if unknown:
-      raise ValueError(f'runs[{i}] has unknown keys {unknown}; use '
-                       'dreaming.* field names.')
-    runs.append(dataclasses.replace(base, **dict(overrides)))
+  runs = [with_overrides(base, overrides, f'runs[{i}]')
+          for i, overrides in enumerate(config.runs)]
   return model_config, runs or [base]
 
 

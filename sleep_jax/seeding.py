@@ -48,6 +48,7 @@ from sleep_jax import metrics as metrics_lib
 from sleep_jax import rewards
 from sleep_jax import sampling
 from sleep_jax import sharding as sharding_lib
+from sleep_jax.models.config import dataclass_from_dict
 from sleep_jax.models import cms
 from sleep_jax.models import transformer
 from sleep_jax.wake import level_params, with_level_params
@@ -136,11 +137,7 @@ class SeedingConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], key: str = 'sleep'):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f'{key}: unknown keys {unknown}; valid: {sorted(fields)}.')
-    return cls(**dict(values))
+    return dataclass_from_dict(cls, values, key)
 
   def divergence_fn(self) -> Callable[..., jax.Array]:
     if self.divergence == 'forward_kl':

@@ -40,6 +40,7 @@ from sleep_jax import seeding
 from sleep_jax import sharding
 from sleep_jax import wake
 from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.models.config import with_overrides
 
 
 def validate_config(config) -> tuple[TransformerConfig, list[seeding.SeedingConfig]]:
@@ -55,13 +56,8 @@ def validate_config(config) -> tuple[TransformerConfig, list[seeding.SeedingConf
   if int(config.wake_steps) < 1:
     raise ValueError(f'wake_steps={config.wake_steps} must be >= 1.')
   base = seeding.SeedingConfig.from_dict(config.sleep.to_dict())
-  runs = []
-  for i, overrides in enumerate(config.sweep):
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(base)})
-    if unknown:
-      raise ValueError(f'sweep[{i}] has unknown keys {unknown}; use sleep.* '
-                       'field names.')
-    runs.append(dataclasses.replace(base, **dict(overrides)))
+  runs = [with_overrides(base, overrides, f'sweep[{i}]')
+          for i, overrides in enumerate(config.sweep)]
   return model_config, runs or [base]
 
 

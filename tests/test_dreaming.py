@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sleep_jax import dream_sft
 from sleep_jax import dreaming
 from sleep_jax import growth
 from sleep_jax import sampling
@@ -90,14 +91,14 @@ def test_vmapped_evaluation_matches_a_python_loop(metric):
   n = 6
   raw, raw_len = random_rows(n, 7, seed=3)
   dreams, lengths = raw[:, 1:], raw_len - 1
-  tokens, masks = dreaming.dream_rows(dreams, lengths, bos_id=BOS, pad_id=PAD)
+  tokens, masks = dream_sft.dream_rows(dreams, lengths, bos_id=BOS, pad_id=PAD)
   items = items_about(dreams, lengths, 3, seed=4)
   rng = jax.random.key(5)
-  together = dreaming.evaluate(model, cfg, params, state, rng, tokens, masks,
+  together = dream_sft.evaluate(model, cfg, params, state, rng, tokens, masks,
                                items)
-  one = jax.jit(lambda key, t, m, it: dreaming.isolated_copy(
+  one = jax.jit(lambda key, t, m, it: dream_sft.isolated_copy(
       model, cfg, params, state, key, t, m, it))
-  keys = dreaming.copy_keys(rng, n)
+  keys = dream_sft.copy_keys(rng, n)
   for i in range(n):
     before, after, adapter = one(keys[i], tokens[i], masks[i],
                                  {k: v[i] for k, v in items.items()})
@@ -111,7 +112,7 @@ def test_vmapped_evaluation_matches_a_python_loop(metric):
     # SFT on a dream raises the log-likelihood of an item that asks for it.
     assert np.all(np.asarray(together.tau_after) > np.asarray(together.tau_before))
   # Chunked (4 lanes at a time, 6 copies) is the same program's result.
-  chunked = dreaming.evaluate(model, dataclasses.replace(cfg, chunk_size=4),
+  chunked = dream_sft.evaluate(model, dataclasses.replace(cfg, chunk_size=4),
                               params, state, rng, tokens, masks, items)
   np.testing.assert_allclose(chunked.tau_after, together.tau_after, atol=1e-5)
   np.testing.assert_array_equal(chunked.reward, together.reward)
@@ -146,7 +147,7 @@ def test_keep_is_top_k_plus_distinct_random_others():
 def flat_adapter_grad_reference(model, params, state, cfg, adapter, tokens, mask):
   """The LoRA gradient from the full kernel gradient: at b = 0, dL/db =
   scale * a^T dL/dW and dL/da = 0 (flattened like dreaming._flat)."""
-  loss = lambda p: dreaming.sft_loss(model, p, state, tokens[None], mask[None])
+  loss = lambda p: dream_sft.sft_loss(model, p, state, tokens[None], mask[None])
   full = traverse_util.flatten_dict(jax.grad(loss)(params), sep='/')
   parts = []
   for name in sorted(adapter):
@@ -161,9 +162,9 @@ def test_gradient_scores_match_the_projected_full_gradient(score):
   model, params, state, _ = make_model()
   cfg = dataclasses.replace(CFG, score=score)
   tokens, lengths = random_rows(6, 9, seed=7)
-  masks = np.asarray(dreaming.dream_rows(tokens[:, 1:], lengths - 1,
+  masks = np.asarray(dream_sft.dream_rows(tokens[:, 1:], lengths - 1,
                                          bos_id=BOS, pad_id=PAD)[1])
-  rows = np.asarray(dreaming.dream_rows(tokens[:, 1:], lengths - 1,
+  rows = np.asarray(dream_sft.dream_rows(tokens[:, 1:], lengths - 1,
                                         bos_id=BOS, pad_id=PAD)[0])
   ctx, ctx_len = random_rows(2, 9, seed=8)
   ctx_mask = (np.arange(9)[None] < ctx_len[:, None] - 1).astype(np.float32)
@@ -204,7 +205,7 @@ def test_selection_never_forms_full_model_gradients():
   head_grad = lambda s: len(s) >= 2 and s[-2:] == (D, V)
   assert not any(map(head_grad, _shapes(jaxpr.jaxpr)))
   # The detector works: a full-params gradient does form the head's gradient.
-  full = jax.make_jaxpr(jax.grad(lambda p: dreaming.sft_loss(
+  full = jax.make_jaxpr(jax.grad(lambda p: dream_sft.sft_loss(
       model, p, state, tokens, masks)))(params)
   assert any(map(head_grad, _shapes(full.jaxpr)))
 
@@ -216,15 +217,15 @@ def test_selection_never_forms_full_model_gradients():
 def test_rehearsal_trains_only_the_unlocked_slot(with_replay):
   model, params, state, slot = make_model()
   tokens, lengths = random_rows(5, 8, seed=2)
-  rows, mask = dreaming.dream_rows(tokens[:, 1:], lengths - 1, bos_id=BOS,
+  rows, mask = dream_sft.dream_rows(tokens[:, 1:], lengths - 1, bos_id=BOS,
                                    pad_id=PAD)
   replay = None
   if with_replay:
-    replay = dreaming.self_replay(model, dataclasses.replace(
+    replay = dream_sft.self_replay(model, dataclasses.replace(
         CFG, replay_samples=3), params, state, jax.random.key(0), bos_id=BOS,
         eos_id=EOS, pad_id=PAD)
     assert replay['tokens'].shape == (3, 7) and replay['mask'].sum() > 0
-  after, losses = dreaming.rehearse(
+  after, losses = dream_sft.rehearse(
       model, CFG, params, state, np.asarray(rows), np.asarray(mask), level=1,
       slots=[slot], host_rng=np.random.default_rng(0), replay=replay)
   assert losses.shape == (CFG.rehearse_steps,)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -59,19 +58,6 @@ class LoraConfig:
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any], key: str = 'lora'
-                ) -> 'LoraConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f'{key} has unknown keys {unknown}; valid: '
-                       f'{sorted(known)}.')
-    values = dict(values)
-    if 'targets' in values:
-      values['targets'] = tuple((str(p), int(n)) for p, n in values['targets'])
-    return cls(**values)
 
 
 def path_name(path) -> str:

@@ -1,0 +1,265 @@
+"""The SFT programs of dreaming, each one jitted program (DESIGN §5).
+
+* `isolated_copy` / `evaluate`: a fresh LoRA per dream, a few SFT steps on
+  that dream alone, tau before and after; all copies in one vmapped program.
+* `train_generator`: ReST-EM's M-step on the dream generator's LoRA.
+* `rehearse` (+ `self_replay`): the unlocked expert slots learn the accepted
+  dreams, anchored to the model before rehearsal on its own samples.
+
+LoRAs are applied unmerged, through the model's 'lora' variable collection,
+so vmapped copies share every base matmul and no kernel-sized gradient is
+formed. Training loops are `lax.scan`s over host-drawn [steps, batch, L]
+batches: one shape whatever the number of rows, so nothing recompiles from
+one sleep cycle to the next. `cfg` is a `sleep_jax.dreaming.DreamingConfig`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sleep_jax import growth
+from sleep_jax import metrics as metrics_lib
+from sleep_jax import sampling
+from sleep_jax.divergences import forward_kl
+from sleep_jax.models import cms
+from sleep_jax.models import lora
+from sleep_jax.models.layers import LORA_COLLECTION
+from sleep_jax.models.transformer import variables
+from sleep_jax.seeding import completion_logprobs, join
+from sleep_jax.wake import level_params, with_level_params
+
+
+# ------------------------------------------------------------------ losses ---
+
+
+def _variables(params, model_state, adapter, cfg=None):
+  out = variables(params, model_state)
+  if adapter is not None:
+    out = {**out, LORA_COLLECTION: lora.as_collection(adapter, cfg.lora)}
+  return out
+
+
+def sft_loss(model: nn.Module, params, model_state, tokens_BxL, mask_BxL,
+             adapter=None, cfg=None):
+  """Mean next-token NLL at the positions `mask` marks (seeding.join's), of
+  the model with an optional LoRA `adapter` (cfg.lora's)."""
+  logits = model.apply(_variables(params, model_state, adapter, cfg),
+                       tokens_BxL)
+  logp = completion_logprobs(logits, tokens_BxL)
+  return -(logp * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1.0)
+
+
+def tau(model: nn.Module, params, model_state, items, metric: str,
+        adapter=None, cfg=None):
+  """The task metric on one context's items [Q, L]: 'accuracy' = fraction
+  recalled exactly (eval.recall_accuracy's rule), 'answer_logprob' = mean
+  log-probability per answer token."""
+  logits = model.apply(_variables(params, model_state, adapter, cfg),
+                       items['inputs'])
+  answer = items['answer_mask']
+  if metric == 'accuracy':
+    hit = (jnp.argmax(logits, -1) == items['targets']) | (answer == 0)
+    return jnp.mean(jnp.all(hit, -1).astype(jnp.float32))
+  logp = jax.nn.log_softmax(logits, -1)
+  picked = jnp.take_along_axis(logp, items['targets'][..., None], -1)[..., 0]
+  per_item = (picked * answer).sum(-1) / jnp.maximum(answer.sum(-1), 1.0)
+  return per_item.mean()
+
+
+def dream_rows(dreams_BxN, lengths_B, *, bos_id: int, pad_id: int):
+  """SFT rows `BOS + dream` and their loss masks (the dream alone is the data)."""
+  batch = dreams_BxN.shape[0]
+  bos = jnp.full((batch, 1), bos_id, jnp.int32)
+  return join(bos, jnp.ones((batch,), jnp.int32), jnp.asarray(dreams_BxN),
+              jnp.asarray(lengths_B), pad_id=pad_id)
+
+
+# --------------------------------------------------------------- evaluate ---
+
+
+class Evaluation(NamedTuple):
+  tau_before: jax.Array  # [N]
+  tau_after: jax.Array   # [N]
+  reward: jax.Array      # [N] 1.0 iff tau_after > tau_before
+  adapters: Any          # the N trained LoRAs (leading copy axis)
+
+
+def isolated_copy(model: nn.Module, cfg, params, model_state,
+                  key, tokens_L, mask_L, items):
+  """One dream's isolated evaluation: (tau before, tau after, trained LoRA).
+
+  A fresh LoRA from `key`, `eval_steps` Adam steps on the dream alone.
+  """
+  adapter = lora.init(params, cfg.lora, key)
+  tx = optax.adam(cfg.eval_learning_rate)
+  copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
+  loss = lambda a: sft_loss(model, params, model_state, tokens_L[None],
+                            mask_L[None], a, cfg)
+
+  def body(_, carry):
+    a, opt_state = carry
+    grads = jax.grad(loss)(a)
+    updates, opt_state = tx.update(grads, opt_state, a)
+    return optax.apply_updates(a, updates), opt_state
+
+  before = copy_tau(adapter)
+  adapter, _ = jax.lax.fori_loop(0, cfg.eval_steps, body,
+                                 (adapter, tx.init(adapter)))
+  return before, copy_tau(adapter), adapter
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate(model, cfg, params, model_state, keys, tokens, masks, items):
+  one = lambda xs: isolated_copy(model, cfg, params, model_state, *xs)
+  n = tokens.shape[0]
+  before, after, adapters = jax.lax.map(
+      one, (keys, tokens, masks, items), batch_size=cfg.chunk_size or n)
+  return Evaluation(before, after, (after > before).astype(jnp.float32),
+                    adapters)
+
+
+def copy_keys(rng, n: int):
+  """The key of isolated copy i is fold_in(rng, i), batched or looped."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+
+
+def evaluate(model: nn.Module, cfg, params, model_state, rng,
+             tokens_NxL, mask_NxL, items) -> Evaluation:
+  """All N isolated copies in one compiled program (vmap, `chunk_size` lanes
+  at a time). `items` arrays are per copy: [N, Q, L]."""
+  n = tokens_NxL.shape[0]
+  items = {k: jnp.asarray(items[k]) for k in ('inputs', 'targets',
+                                             'answer_mask')}
+  return _evaluate(model, cfg, params, model_state, copy_keys(rng, n),
+                   jnp.asarray(tokens_NxL), jnp.asarray(mask_NxL), items)
+
+
+# ---------------------------------------------------------------- SFT steps ---
+
+
+def _batches(tokens, mask, steps: int, batch_size: int,
+             host_rng: np.random.Generator):
+  """[steps, batch, L] rows drawn with replacement: one shape whatever the
+  number of rows, so the training scan compiles once."""
+  idx = host_rng.choice(len(tokens), size=(steps, batch_size))
+  return np.asarray(tokens)[idx], np.asarray(mask)[idx]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_generator(model, cfg, params, model_state, generator, tokens_SxBxL,
+                     mask_SxBxL):
+  tx = optax.adam(cfg.rest_learning_rate)
+
+  def step(carry, batch):
+    adapter, opt_state = carry
+    loss_fn = lambda a: sft_loss(model, params, model_state, *batch, a, cfg)
+    loss, grads = jax.value_and_grad(loss_fn)(adapter)
+    updates, opt_state = tx.update(grads, opt_state, adapter)
+    return (optax.apply_updates(adapter, updates), opt_state), loss
+
+  (generator, _), losses = jax.lax.scan(
+      step, (generator, tx.init(generator)), (tokens_SxBxL, mask_SxBxL))
+  return generator, losses
+
+
+def train_generator(model, cfg, params, model_state, generator,
+                    tokens, mask, host_rng):
+  """ReST-EM's M-step: `rest_steps` Adam steps of the dream LoRA on rows
+  (prompt ++ rewarded dream, loss on the dream) drawn with replacement.
+  Returns (generator, last loss)."""
+  if cfg.rest_steps == 0:
+    return generator, float('nan')
+  batches = _batches(tokens, mask, cfg.rest_steps, cfg.rest_batch_size, host_rng)
+  generator, losses = _train_generator(model, cfg, params, model_state,
+                                       generator, *batches)
+  return generator, float(np.asarray(losses)[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _rehearse(model, cfg, level, params, model_state, slots_E, batches):
+  tx = optax.adam(cfg.rehearse_learning_rate)
+  trainable = level_params(growth.expert_mask(params, level, slots_E), level)
+  teacher = variables(params, model_state)  # the model before rehearsal
+
+  def loss_fn(tree, batch):
+    student = with_level_params(params, tree)
+    loss = sft_loss(model, student, model_state, batch['tokens'], batch['mask'])
+    if 'replay_tokens' in batch:
+      tokens = batch['replay_tokens']
+      logits = model.apply(variables(student, model_state), tokens)
+      kept = model.apply(teacher, tokens)
+      loss += cfg.rehearse_replay * forward_kl(logits, kept,
+                                               batch['replay_mask'])
+    return loss
+
+  def step(carry, batch):
+    tree, opt_state = carry
+    loss, grads = jax.value_and_grad(loss_fn)(tree, batch)
+    grads = growth.mask_tree(grads, trainable)
+    updates, opt_state = tx.update(grads, opt_state, tree)
+    return (growth.apply_masked_updates(tree, updates, trainable),
+            opt_state), loss
+
+  tree = level_params(params, level)
+  (tree, _), losses = jax.lax.scan(step, (tree, tx.init(tree)), batches)
+  return with_level_params(params, tree), losses
+
+
+def rehearse(model: nn.Module, cfg, params, model_state,
+             tokens, mask, *, level: int, slots, host_rng, replay=None):
+  """`rehearse_steps` Adam steps (one compiled scan) on accepted dream rows,
+  training only the expert `slots` of `level` (those unlocked in this
+  sleep): every other parameter stays bit-identical. With `replay` rows
+  ({'tokens', 'mask'}), each step adds `rehearse_replay` * KL(model before
+  || model) on a batch of them. Returns (params, the per-step losses)."""
+  slots_E = np.zeros(model_state[cms.CMS_COLLECTION][cms.level_name(level)]
+                     .shape, bool)
+  slots_E[list(slots)] = True
+  steps, size = cfg.rehearse_steps, cfg.rehearse_batch_size
+  batches = dict(zip(('tokens', 'mask'),
+                     _batches(tokens, mask, steps, size, host_rng)))
+  if replay is not None and cfg.rehearse_replay > 0:
+    batches.update(zip(('replay_tokens', 'replay_mask'),
+                       _batches(replay['tokens'], replay['mask'], steps, size,
+                                host_rng)))
+  params, losses = _rehearse(model, cfg, level, params, model_state,
+                             jnp.asarray(slots_E), batches)
+  losses = np.asarray(losses)
+  metrics_lib.check_finite(steps, {'rehearse_loss': losses[-1]})
+  return params, losses
+
+
+def self_replay(model: nn.Module, cfg, params, model_state,
+                rng, *, bos_id: int, eos_id: int, pad_id: int):
+  """`replay_samples` continuations of BOS by the model before rehearsal, as
+  SFT rows: what it already knows, replayed so that training the new
+  expert on dreams does not overwrite it (generative replay)."""
+  prompts = np.full((cfg.replay_samples, 1), bos_id, np.int32)
+  out = sampling.sample(
+      model, params, prompts, np.ones((cfg.replay_samples,), np.int32),
+      max_new_tokens=cfg.max_new_tokens, rng=rng, temperature=cfg.temperature,
+      top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
+      model_state=model_state)
+  tokens, mask = dream_rows(out.tokens, out.lengths, bos_id=bos_id,
+                            pad_id=pad_id)
+  return {'tokens': np.asarray(tokens), 'mask': np.asarray(mask)}
+
+
+def colocate(adapter, params):
+  """The adapter on the devices of `params` (replicated), so every call of a
+  step sees the same placement and nothing recompiles."""
+  leaf = jax.tree.leaves(params)[0]
+  if not isinstance(leaf, jax.Array) or not leaf.committed:
+    return adapter
+  placement = leaf.sharding
+  if isinstance(placement, jax.sharding.NamedSharding):
+    placement = jax.sharding.NamedSharding(placement.mesh,
+                                           jax.sharding.PartitionSpec())
+  return jax.device_put(adapter, placement)
