@@ -55,3 +55,29 @@ def _correct(model, params, model_state, batch):
                        batch['inputs'])
   hit = (jnp.argmax(logits, -1) == batch['targets']) | (batch['answer_mask'] == 0)
   return jnp.all(hit, axis=-1)
+
+
+# ------------------------------------------------- continual-learning scores ---
+# acc_matrix[i][j]: accuracy on session j's evaluation set after cycle i
+# (None for j > i: not seen yet). T = number of cycles.
+
+
+def final_acc(acc_matrix) -> float:
+  """ACC: mean accuracy over every session after the last cycle."""
+  last = acc_matrix[-1]
+  return float(np.mean([a for a in last if a is not None]))
+
+
+def bwt(acc_matrix) -> float:
+  """Backward transfer: mean over j < T-1 of acc[T-1][j] - acc[j][j]
+  (Lopez-Paz & Ranzato 2017). Negative = forgetting; 0 with one session."""
+  t = len(acc_matrix)
+  if t < 2:
+    return 0.0
+  return float(np.mean([acc_matrix[-1][j] - acc_matrix[j][j]
+                        for j in range(t - 1)]))
+
+
+def forgetting_curves(acc_matrix) -> list[list[float]]:
+  """Per session j: its accuracy after cycles j, j+1, ..., T-1."""
+  return [[row[j] for row in acc_matrix[j:]] for j in range(len(acc_matrix))]

@@ -40,7 +40,7 @@ class FactWorld:
 
   def passages(self, people) -> dict[str, np.ndarray]:
     """Every sentence about `people` as rows: inputs, targets, mask."""
-    return self._rows([s for p in people for s in facts.all_sentences(p)])
+    return self.rows([s for p in people for s in facts.all_sentences(p)])
 
   def documents(self, people, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One row per person: their passage, then one of its facts restated in a
@@ -51,9 +51,10 @@ class FactWorld:
       attribute, value = person.attributes[rng.integers(len(person.attributes))]
       restated = facts.paraphrase(attribute, person.name, value, rng)
       texts.append(' '.join(facts.passages(person, rng) + [restated]))
-    return self._rows(texts)
+    return self.rows(texts)
 
-  def _rows(self, texts) -> dict[str, np.ndarray]:
+  def rows(self, texts) -> dict[str, np.ndarray]:
+    """Each text as one next-token row (BOS, EOS): inputs, targets, mask."""
     rows = [self.tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]
     if max(map(len, rows)) > self.seq_len + 1:
       raise ValueError(f'a row has {max(map(len, rows))} tokens; raise '

@@ -72,6 +72,10 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state'], dict(restored['metadata'])
 
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after one was moved aside)."""
+    self._manager.reload()
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -1,0 +1,121 @@
+r"""The main job (issue 7): continual knowledge incorporation, DESIGN §10.1.
+
+    python -m experiments.continual                     # default, ~15 min CPU
+    python -m experiments.continual --config=experiments/configs/continual.py:full \
+        --workdir=/tmp/continual_full
+    python -m experiments.continual --config=experiments/configs/continual.py:smoke \
+        --workdir=/tmp/continual_smoke                   # CI, about a minute
+
+Variants (comma-separated): "" (default: Sleep, continual fine-tuning and
+no consolidation, 3 seeds), `full` (all ten methods, 5 seeds), `smoke` (a
+tiny model, CI), `lr_sweep` (the baselines' learning-rate sweep; see
+below). Any key can be overridden: `--config.sessions=5`,
+`--config.sleep.alpha=1`, `--config.methods='("sleep","ewc")'`.
+
+A tiny two-level CMS LM learns a base population of fictional people, then
+lives through `sessions` sessions of `world.people_per_session` new people
+each; after every cycle it is asked closed-book questions about everyone met
+so far. See README ("The main job") for measured numbers and runtimes.
+
+Baseline learning rates: `baselines.*_learning_rate` were picked by
+`:lr_sweep` (one seed, the default world; final ACC per rate is in README):
+the best rate of the sweep for each baseline.
+"""
+
+import ml_collections
+
+from sleep_jax.sharding import DEFAULT_RULES
+
+ALL_METHODS = ('sleep', 'sleep_no_expansion', 'sleep_no_lti',
+               'sleep_no_dreaming', 'no_consolidation', 'finetune',
+               'lora_finetune', 'replay', 'ewc', 'seal')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seeds = [0, 1, 2]
+  config.sessions = 3
+  config.methods = ['sleep', 'finetune', 'no_consolidation']
+  config.world = ml_collections.ConfigDict(dict(
+      seed=0, base_people=100, people_per_session=8, passages_per_person=3,
+      reading_people=1000, closed_book_repeats=4))
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=512, d_model=96, num_layers=3, num_heads=4, num_kv_heads=2,
+      d_ff=256, max_len=128, mlp='cms', cms_levels=[
+          dict(chunk_size=1, width=64, num_experts=2, rank=16, top_k=2,
+               learning_rate=2e-3, optimizer='adam', update_dense=False),
+          dict(chunk_size=0, width=256, num_experts=8, rank=16, top_k=2,
+               learning_rate=0.0, optimizer='adam', update_dense=False)]))
+  config.data = ml_collections.ConfigDict(dict(seq_len=56,
+                                               tokenizer_vocab_size=500))
+  config.prompt_width = 56
+  config.base = ml_collections.ConfigDict(dict(
+      train_steps=1500, batch_size=32, seed=0, experts=[0, 2]))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95,
+      eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  # Wake: steps per session; the fine-tuning baselines take the same steps
+  # on the same rows.
+  config.wake = ml_collections.ConfigDict(dict(steps=150, batch_size=32))
+  config.sleep = ml_collections.ConfigDict(dict(
+      alpha=0.5, lmbda=0.5, lmbda_mode='sample', divergence='jsd', beta=0.5,
+      temperature=1.0, gamma=0.5, z0=8.0, group_size=4,
+      normalize_advantages=False, judge='exact', judge_threshold=None,
+      num_steps=200, batch_size=16, learning_rate=1e-2, max_new_tokens=16,
+      prompt_source='mixed', bos_fraction=0.25, min_prompt_tokens=2,
+      expansion=True))
+  config.dreaming = ml_collections.ConfigDict(dict(
+      enabled=True, num_dreams=8, max_new_tokens=20, temperature=1.0,
+      top_k=0, top_p=1.0, random_expert=True, template='continue',
+      selection='gradient', score='cosine', keep_top=3, keep_random=1,
+      tau='accuracy', eval_steps=4, eval_learning_rate=1e-2, chunk_size=0,
+      rounds=1, rest_steps=20, rest_batch_size=8, rest_learning_rate=3e-3,
+      rehearse_steps=100, rehearse_batch_size=16,
+      rehearse_learning_rate=3e-3, rehearse_replay=2.0, replay_samples=256,
+      lora_rank=8, lora_alpha=16.0,
+      lora_targets=[[r'attn/(q|k|v)_kernel$', 1], [r'attn/o_kernel$', 2],
+                    [r'(up|gate|down)_kernel$', 1]]))
+  config.baselines = ml_collections.ConfigDict(dict(
+      finetune_learning_rate=1e-3, lora_learning_rate=3e-3, lora_rank=8,
+      lora_alpha=16.0,
+      lora_targets=[[r'attn/(q|k|v)_kernel$', 1], [r'attn/o_kernel$', 2],
+                    [r'(up|gate|down)_kernel$', 1]],
+      replay_fraction=0.5, ewc_weight=100.0, fisher_rows=64))
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  config.sharding = ml_collections.ConfigDict(dict(
+      rules=[list(rule) for rule in DEFAULT_RULES]))
+
+  for variant in [v for v in (arg or '').split(',') if v]:
+    if variant == 'full':
+      config.methods = list(ALL_METHODS)
+      config.seeds = [0, 1, 2, 3, 4]
+    elif variant == 'lr_sweep':
+      config.methods = ['finetune', 'lora_finetune', 'replay', 'ewc']
+      config.seeds = [0]
+    elif variant == 'smoke':
+      config.seeds = [0, 1]
+      config.sessions = 2
+      config.methods = list(ALL_METHODS)
+      config.model.update(d_model=32, num_layers=1, d_ff=64, max_len=96)
+      config.data.seq_len = config.prompt_width = 80
+      config.model.cms_levels = [dict(level, width=32, rank=4)
+                                 for level in config.model.cms_levels]
+      config.world.update(base_people=10, people_per_session=2,
+                          passages_per_person=2, reading_people=10,
+                          closed_book_repeats=1)
+      config.base.train_steps = 10
+      config.optimizer.warmup_steps = 2
+      config.wake.update(steps=3, batch_size=4)
+      config.sleep.update(num_steps=2, batch_size=4, group_size=2,
+                          max_new_tokens=4)
+      config.dreaming.update(num_dreams=2, max_new_tokens=4, keep_top=1,
+                             keep_random=0, eval_steps=1, rounds=1,
+                             rest_steps=1, rest_batch_size=2, rehearse_steps=2,
+                             rehearse_batch_size=2, replay_samples=2,
+                             lora_rank=2)
+      config.baselines.update(lora_rank=2, fisher_rows=4)
+    else:
+      raise ValueError(f'Unknown variant {variant!r} of continual.py; valid: '
+                       '"" (default), "full", "smoke", "lr_sweep" '
+                       '(comma-separated).')
+  return config

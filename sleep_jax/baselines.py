@@ -1,0 +1,142 @@
+"""The continual-learning baselines' update programs (DESIGN §10.1).
+
+Each trains on one session's rows in one compiled `lax.scan` over host-drawn
+[steps, batch, L] batches (one shape every session, so nothing recompiles):
+
+* `finetune`: every parameter, Adam, with an optional EWC penalty
+  (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017);
+  replay is the caller mixing old rows into the batches;
+* `lora_finetune`: one LoRA adapter (unmerged, through the model's 'lora'
+  collection) that keeps training from session to session;
+* `fisher_diagonal`: the empirical Fisher's diagonal on a session's rows, for
+  online EWC (the caller sums it over sessions and moves the anchor).
+
+Inactive CMS experts have zero gradient, and Adam without weight decay leaves
+them at exactly zero, so growth state stays meaningful under fine-tuning.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sleep_jax import metrics as metrics_lib
+from sleep_jax.models import lora
+from sleep_jax.models.layers import LORA_COLLECTION
+from sleep_jax.models.transformer import variables
+from sleep_jax.training import next_token_loss
+
+
+def draw_batches(rows: dict, steps: int, batch_size: int,
+                 rng: np.random.Generator, old_rows: dict | None = None,
+                 old_fraction: float = 0.0) -> dict:
+  """[steps, batch_size, L] arrays of `rows` drawn uniformly; with `old_rows`,
+  round(old_fraction * batch_size) of each batch come from them (replay)."""
+  n_old = int(round(old_fraction * batch_size)) if old_rows else 0
+  idx = rng.integers(len(rows['inputs']), size=(steps, batch_size - n_old))
+  out = {k: v[idx] for k, v in rows.items()}
+  if n_old:
+    old = rng.integers(len(old_rows['inputs']), size=(steps, n_old))
+    out = {k: np.concatenate([out[k], old_rows[k][old]], axis=1) for k in out}
+  return out
+
+
+def _loss(model, params, model_state, batch, adapter=None, lora_cfg=None):
+  tree = variables(params, model_state)
+  if adapter is not None:
+    tree = {**tree, LORA_COLLECTION: lora.as_collection(adapter, lora_cfg)}
+  logits = model.apply(tree, batch['inputs'])
+  return next_token_loss(logits, batch['targets'], batch['mask'])[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _finetune(model, params, model_state, batches, learning_rate, anchor,
+              fisher, ewc_weight):
+  tx = optax.adam(learning_rate)
+
+  def loss_fn(p, batch):
+    loss = _loss(model, p, model_state, batch)
+    penalty = sum(jnp.sum(f * (x - a) ** 2) for f, x, a in zip(
+        jax.tree.leaves(fisher), jax.tree.leaves(p), jax.tree.leaves(anchor)))
+    return loss + 0.5 * ewc_weight * penalty
+
+  def step(carry, batch):
+    p, opt_state = carry
+    loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), loss
+
+  (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), batches)
+  return params, losses
+
+
+def finetune(model: nn.Module, params, model_state, batches: dict, *,
+             learning_rate: float, anchor=None, fisher=None,
+             ewc_weight: float = 0.0):
+  """Adam on every parameter over `batches` ([S, B, L] inputs/targets/mask).
+  With `fisher` and `anchor` (params-shaped) adds the EWC penalty. Returns
+  (params, per-step losses)."""
+  if fisher is None:
+    fisher = jax.tree.map(jnp.zeros_like, params)
+    anchor = params
+  params, losses = _finetune(model, params, model_state,
+                             jax.tree.map(jnp.asarray, batches),
+                             jnp.float32(learning_rate), anchor, fisher,
+                             jnp.float32(ewc_weight))
+  losses = np.asarray(losses)
+  metrics_lib.check_finite(len(losses), {'finetune_loss': losses[-1]})
+  return params, losses
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _lora_finetune(model, lora_cfg, params, model_state, adapter, batches,
+                   learning_rate):
+  tx = optax.adam(learning_rate)
+
+  def step(carry, batch):
+    ad, opt_state = carry
+    loss, grads = jax.value_and_grad(
+        lambda a: _loss(model, params, model_state, batch, a, lora_cfg))(ad)
+    updates, opt_state = tx.update(grads, opt_state, ad)
+    return (optax.apply_updates(ad, updates), opt_state), loss
+
+  (adapter, _), losses = jax.lax.scan(step, (adapter, tx.init(adapter)),
+                                      batches)
+  return adapter, losses
+
+
+def lora_finetune(model: nn.Module, lora_cfg: lora.LoraConfig, params,
+                  model_state, adapter, batches: dict, *, learning_rate: float):
+  """Adam on the LoRA `adapter` only; returns (adapter, per-step losses)."""
+  adapter, losses = _lora_finetune(model, lora_cfg, params, model_state,
+                                   adapter, jax.tree.map(jnp.asarray, batches),
+                                   jnp.float32(learning_rate))
+  losses = np.asarray(losses)
+  metrics_lib.check_finite(len(losses), {'lora_loss': losses[-1]})
+  return adapter, losses
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _fisher(model, params, model_state, rows):
+  def one(row):
+    batch = jax.tree.map(lambda x: x[None], row)
+    grads = jax.grad(lambda p: _loss(model, p, model_state, batch))(params)
+    return jax.tree.map(jnp.square, grads)
+
+  def add(total, row):
+    return jax.tree.map(jnp.add, total, one(row)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  total, _ = jax.lax.scan(add, zeros, rows)
+  return jax.tree.map(lambda x: x / len(rows['inputs']), total)
+
+
+def fisher_diagonal(model: nn.Module, params, model_state, rows: dict):
+  """E_rows[(d log p(row) / d theta)^2], one row at a time (no per-example
+  gradient batch is ever materialised)."""
+  return _fisher(model, params, model_state, jax.tree.map(jnp.asarray, rows))

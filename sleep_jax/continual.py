@@ -1,0 +1,345 @@
+"""The continual knowledge-incorporation experiment (DESIGN §10.1).
+
+`run(config, workdir)`:
+
+1. checks the whole config (every error names its key) before anything is
+   built or compiled;
+2. builds the world of fictional people as a TFDS dataset under
+   `<workdir>/data` and reads it back with `tfds.data_source` + grain
+   (sleep_jax.data.tasks.world_tfds): passages and closed-book questions per
+   session;
+3. trains the base model (the base population closed-book, plus reading
+   documents about people met nowhere else, so that it can continue a
+   passage it reads) or reuses the one cached under
+   `<workdir>/base/<hash of the config it depends on>`;
+4. runs every method with every seed through every session
+   (sleep_jax.lifecycle), each resuming from its own checkpoints;
+5. writes results.json (DESIGN §8), metrics.jsonl + TensorBoard events,
+   report.md and plots/ (sleep_jax.report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sleep_jax import dreaming
+from sleep_jax import eval as eval_lib
+from sleep_jax import fact_world
+from sleep_jax import lifecycle
+from sleep_jax import metrics as metrics_lib
+from sleep_jax import report
+from sleep_jax import rewards
+from sleep_jax import seeding
+from sleep_jax import sharding
+from sleep_jax import wake
+from sleep_jax.data.tasks import facts
+from sleep_jax.data.tasks import world_tfds
+from sleep_jax.data.tokenizers import SentencePieceTokenizer
+from sleep_jax.models import Transformer, TransformerConfig
+
+# Keys whose values decide the base model (and the tokenizer): a change in
+# any of them trains a new one, anything else reuses it.
+_BASE_KEYS = ('model', 'data', 'world', 'base', 'optimizer')
+
+
+def _hash(tree) -> str:
+  return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str)
+                        .encode()).hexdigest()[:12]
+
+
+def code_version() -> str:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root,
+                          capture_output=True, text=True, check=True,
+                          timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+# ------------------------------------------------------------------ config ---
+
+
+def validate_config(config) -> dict[str, Any]:
+  """Every config error, before any array is built or program compiled."""
+  model_config = TransformerConfig.from_dict(config.model, key='model')
+  if model_config.mlp != 'cms' or len(model_config.cms_levels) != 2:
+    raise ValueError("the continual experiment needs a two-level CMS model: "
+                     "model.mlp='cms', model.cms_levels=[fast, slow].")
+  wake.check_config(model_config)
+  methods = list(config.methods)
+  unknown = [m for m in methods if m not in lifecycle.METHODS]
+  if unknown or not methods or len(set(methods)) != len(methods):
+    raise ValueError(f'methods={methods}: each must be one of '
+                     f'{list(lifecycle.METHODS)}, at least one, no repeats.')
+  seeds = [int(s) for s in config.seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f'seeds={seeds} must be a non-empty list of distinct ints.')
+  sessions = int(config.sessions)
+  if sessions < 1:
+    raise ValueError(f'sessions={sessions} must be >= 1.')
+  world = world_tfds.WorldConfig(
+      seed=int(config.world.seed), base_people=int(config.world.base_people),
+      sessions=sessions, people_per_session=int(config.world.people_per_session),
+      passages_per_person=int(config.world.passages_per_person))
+  for key in ('reading_people', 'closed_book_repeats'):
+    if int(config.world[key]) < 0:
+      raise ValueError(f'world.{key}={config.world[key]} must be >= 0.')
+  for key in ('steps', 'batch_size'):
+    if int(config.wake[key]) < 1:
+      raise ValueError(f'wake.{key}={config.wake[key]} must be >= 1.')
+  if int(config.base.train_steps) < 1 or int(config.base.batch_size) < 1:
+    raise ValueError('base.train_steps and base.batch_size must be >= 1.')
+  seeding_cfg = seeding.SeedingConfig.from_dict(config.sleep.to_dict())
+  dreaming_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
+  baseline_cfg = lifecycle.BaselineConfig.from_dict(config.baselines.to_dict())
+  for m in methods:  # each method's own seeding overrides must be valid too
+    seeding.SeedingConfig(**{**seeding_cfg.__dict__,
+                             **lifecycle.METHODS[m].seeding})
+  base_experts = [int(n) for n in config.base.experts]
+  fast, slow = model_config.cms_levels
+  if len(base_experts) != 2 or base_experts[0] != 0:
+    raise ValueError(f'base.experts={base_experts}: one count per level, and '
+                     '0 for the fast level (it must start empty).')
+  grows = any(lifecycle.METHODS[m].dream or (
+      lifecycle.METHODS[m].consolidate and
+      {**seeding_cfg.__dict__, **lifecycle.METHODS[m].seeding}['expansion'])
+      for m in methods)
+  need = base_experts[1] + (sessions if grows else 0)
+  if need > slow.num_experts:
+    raise ValueError(f'model.cms_levels[1].num_experts={slow.num_experts} is '
+                     f'too small: the base uses {base_experts[1]} and sleep '
+                     f'grows one per session ({sessions}); raise it to {need}.')
+  if fast.num_experts < 1 or fast.chunk_size < 1:
+    raise ValueError('model.cms_levels[0] must learn in wake (chunk_size >= 1)'
+                     ' and have num_experts >= 1.')
+  return {'model': model_config, 'methods': methods, 'seeds': seeds,
+          'world': world, 'seeding': seeding_cfg, 'dreaming': dreaming_cfg,
+          'baselines': baseline_cfg, 'base_experts': base_experts}
+
+
+# ------------------------------------------------------------------- data ---
+
+
+def _by_person(records) -> dict[str, list[dict]]:
+  out = {}
+  for r in records:
+    out.setdefault(r['person'], []).append(r)
+  return out
+
+
+def _reading_people(world: world_tfds.WorldConfig, count: int):
+  taken = {p.name for _, p in world.people()}
+  people = facts.make_people(count + len(taken), world.seed + 1_000_003)
+  return [p for p in people if p.name not in taken][:count]
+
+
+def load_world(config, parsed, workdir: str, tokenizer_path: str):
+  """(tokenizer, base rows, base items, [lifecycle.Session]) from the TFDS
+  world; the tokenizer is trained once and kept next to the base model."""
+  world = parsed['world']
+  data_dir = os.path.join(workdir, 'data')
+  world_tfds.build(data_dir, world)
+  source = world_tfds.load(data_dir, world)
+  passages = [world_tfds.session_records(source['passages'], t)
+              for t in range(world.sessions + 1)]
+  questions = [world_tfds.session_records(source['questions'], t)
+               for t in range(world.sessions + 1)]
+  readers = _reading_people(world, int(config.world.reading_people))
+  if os.path.exists(tokenizer_path):
+    tokenizer = SentencePieceTokenizer.load(tokenizer_path)
+  else:
+    texts = [s for _, p in world.people() for s in facts.all_sentences(p)]
+    texts += [s for p in readers for s in facts.all_sentences(p)]
+    tokenizer = SentencePieceTokenizer.train(
+        texts, int(config.data.tokenizer_vocab_size))
+  if tokenizer.vocab_size > parsed['model'].vocab_size:
+    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} ids but '
+                     f'model.vocab_size={parsed["model"].vocab_size}; raise it.')
+  seq_len = int(config.data.seq_len)
+  encoder = fact_world.FactWorld(tokenizer, [], [], seq_len)
+  items = lambda recs: eval_lib.encode_items(
+      tokenizer, [(r['prompt'], r['answer']) for r in recs], seq_len)
+  repeats = int(config.world.closed_book_repeats)
+  base_rows = encoder.rows([r['text'] for r in passages[0]] * repeats)
+  if readers:
+    docs = encoder.documents(readers, np.random.default_rng(world.seed))
+    base_rows = {k: np.concatenate([base_rows[k], docs[k]]) for k in docs}
+  sessions = []
+  width = int(config.prompt_width)
+  dream_cfg = parsed['dreaming']
+  for t in range(1, world.sessions + 1):
+    people = _by_person(passages[t])
+    asked = _by_person(questions[t])
+    contexts = [recs[0]['text'] for recs in people.values()]
+    prompts = dreaming.render_prompts(tokenizer, contexts, dream_cfg.template,
+                                      width)
+    context_rows = dreaming.render_prompts(tokenizer, contexts, 'continue',
+                                           width)
+    per_person = [items(asked[name]) for name in people]
+    tasks = dreaming.Tasks(*prompts, *context_rows,
+                           {k: np.stack([x[k] for x in per_person])
+                            for k in per_person[0]})
+    sessions.append(lifecycle.Session(
+        rows=encoder.rows([r['text'] for r in passages[t]]), tasks=tasks,
+        items=items(questions[t])))
+  return tokenizer, base_rows, items(questions[0]), sessions
+
+
+# ------------------------------------------------------------- base model ---
+
+
+def base_model(config, parsed, model, rows, directory: str, mesh, rules,
+               log=print):
+  """(params, model_state) of the base model: restored from `directory` if a
+  run with the same base config saved it there, else trained and saved."""
+  params_path = os.path.join(directory, 'params')
+  checkpointer = ocp.StandardCheckpointer()
+  template = ml_collections.ConfigDict(dict(
+      base_train_steps=int(config.base.train_steps), seed=int(config.base.seed),
+      stream=dict(batch_size=int(config.base.batch_size)),
+      data=dict(seq_len=int(config.data.seq_len)),
+      optimizer=config.optimizer.to_dict()))
+  if os.path.exists(params_path):
+    log(f'reusing the base model in {directory}')
+    restored = checkpointer.restore(params_path)
+    checkpointer.close()
+    return restored['params'], restored['model_state']
+  t0 = time.perf_counter()
+  log(f'training the base model ({template.base_train_steps} steps) -> '
+      f'{directory}')
+  params, model_state = fact_world.train_base(
+      model, template, rows, mesh, rules,
+      experts_per_level=parsed['base_experts'])
+  params, model_state = jax.device_get((params, model_state))
+  checkpointer.save(params_path, {'params': params,
+                                  'model_state': model_state})
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  with open(os.path.join(directory, 'base.json'), 'w') as f:
+    json.dump({'seconds': time.perf_counter() - t0,
+               'config': {k: config[k].to_dict() for k in _BASE_KEYS}}, f,
+              indent=2)
+  return params, model_state
+
+
+# -------------------------------------------------------------------- run ---
+
+
+def summarize(per_seed: list[dict]) -> dict:
+  """One method's entry of results.json from its per-seed runs."""
+  t = len(per_seed[0]['acc_matrix'])
+  mean = [[float(np.mean([r['acc_matrix'][i][j] for r in per_seed]))
+           if j <= i else None for j in range(t)] for i in range(t)]
+  std = lambda key: float(np.std([r[key] for r in per_seed],
+                                 ddof=1 if len(per_seed) > 1 else 0))
+  return {'acc_matrix': mean,
+          'final_acc': float(np.mean([r['final_acc'] for r in per_seed])),
+          'final_acc_std': std('final_acc'),
+          'bwt': float(np.mean([r['bwt'] for r in per_seed])),
+          'bwt_std': std('bwt'),
+          'base_acc': float(np.mean([r['base_acc'] for r in per_seed])),
+          'params': int(per_seed[0]['params']),
+          'seconds': float(sum(r['seconds'] for r in per_seed)),
+          'per_seed': per_seed}
+
+
+def _per_seed(seed: int, records: list[dict]) -> dict:
+  t = len(records)
+  matrix = [[r['acc'][j] if j <= i else None for j in range(t)]
+            for i, r in enumerate(records)]
+  return {'seed': seed, 'acc_matrix': matrix,
+          'final_acc': eval_lib.final_acc(matrix), 'bwt': eval_lib.bwt(matrix),
+          'base_acc': records[-1]['base_acc'], 'params': records[-1]['params'],
+          'seconds': sum(r['seconds'] for r in records),
+          'cycles': [{k: r[k] for k in ('grown', 'reset', 'sleep', 'base_acc')}
+                     for r in records]}
+
+
+def _write_json(path: str, value) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
+
+
+def run(config, workdir: str, log=print) -> dict[str, Any]:
+  parsed = validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = config.to_dict()
+  _write_json(os.path.join(workdir, 'config.json'), config_dict)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  model = Transformer(parsed['model'])
+  base_dir = os.path.join(workdir, 'base',
+                          _hash({k: config[k].to_dict() for k in _BASE_KEYS}))
+  os.makedirs(base_dir, exist_ok=True)
+  tokenizer, base_rows, base_items, sessions = load_world(
+      config, parsed, workdir, os.path.join(base_dir, 'tokenizer.model'))
+  if not os.path.exists(os.path.join(base_dir, 'tokenizer.model')):
+    tokenizer.save(os.path.join(base_dir, 'tokenizer.model'))
+  params, model_state = base_model(config, parsed, model, base_rows, base_dir,
+                                   mesh, rules, log)
+  base_acc = eval_lib.recall_accuracy(model, params, model_state, base_items)
+  log(f'base model: closed-book recall of the base population {base_acc:.3f}')
+  seeding_cfg = parsed['seeding']
+  judge = rewards.make_judge(seeding_cfg.judge,
+                             threshold=seeding_cfg.judge_threshold,
+                             tokenizer=tokenizer)
+  settings = lifecycle.Settings(
+      model=model, sessions=sessions, base_items=base_items,
+      wake_steps=int(config.wake.steps), batch_size=int(config.wake.batch_size),
+      seeding=seeding_cfg, dreaming=parsed['dreaming'],
+      baselines=parsed['baselines'],
+      token_ids={'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id,
+                 'pad_id': tokenizer.pad_id},
+      decode=tokenizer.decode, judge=judge, mesh=mesh, rules=rules,
+      lineage={'config_hash': _hash(config_dict), 'code_version': code_version(),
+               'base': os.path.relpath(base_dir, workdir)})
+  writer = metrics_lib.MetricWriter(workdir, resume_step=2**62)
+  base_info = {}
+  if os.path.exists(os.path.join(base_dir, 'base.json')):
+    with open(os.path.join(base_dir, 'base.json')) as f:
+      base_info = {'seconds': json.load(f)['seconds']}
+  results = {'methods': {}, 'seeds': parsed['seeds'], 'config': config_dict,
+             'base': {'acc': base_acc, **base_info},
+             'chance': 1.0 / len(facts.ATTRIBUTES['city'])}
+  try:
+    for name in parsed['methods']:
+      runs = []
+      for seed in parsed['seeds']:
+        tag = f'{name}/seed{seed}'
+        def on_cycle(record, tag=tag):
+          scalars = {f'{tag}/acc_mean': float(np.mean(record['acc'])),
+                     f'{tag}/base_acc': record['base_acc'],
+                     f'{tag}/seconds': record['seconds']}
+          scalars.update({f'{tag}/acc_session{j}': a
+                          for j, a in enumerate(record['acc'])})
+          scalars.update({f'{tag}/{k}': v for k, v in record['sleep'].items()})
+          writer.write(record['cycle'], scalars)
+        records = lifecycle.Lifecycle(
+            name, seed, settings,
+            os.path.join(workdir, 'checkpoints', name, f'seed_{seed}'),
+            log=log).run(params, model_state, on_cycle=on_cycle)
+        runs.append(_per_seed(seed, records))
+      results['methods'][name] = summarize(runs)
+      entry = results['methods'][name]
+      log(f'[{name}] final ACC {entry["final_acc"]:.3f} ± '
+          f'{entry["final_acc_std"]:.3f}, BWT {entry["bwt"]:+.3f} ± '
+          f'{entry["bwt_std"]:.3f} over seeds {parsed["seeds"]}')
+      _write_json(os.path.join(workdir, 'results.json'), results)
+  finally:
+    writer.close()
+  report.write_report(results, workdir)
+  log(f'wrote {os.path.join(workdir, "results.json")}, report.md, plots/')
+  return results

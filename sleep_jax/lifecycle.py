@@ -1,0 +1,385 @@
+"""The wake/sleep lifecycle over a stream of sessions (DESIGN §1, §10.1).
+
+One `Lifecycle` runs one method with one seed through every session:
+
+* wake: the session's passages arrive. CMS methods grow a fast-level expert
+  and learn them online (sleep_jax.wake); the fine-tuning baselines train on
+  the same rows for the same number of steps (sleep_jax.baselines);
+* sleep: Knowledge Seeding of the fast level into a new slow-level expert
+  (sleep_jax.seeding), then dreaming on the session's passages, rehearsed
+  into that expert (sleep_jax.dreaming) — or whatever the method does
+  instead (`METHODS`);
+* after every cycle: closed-book recall on every session so far, and on the
+  base population.
+
+Each cycle ends with one Orbax step (`checkpoints/<method>/seed_<s>/<cycle>`)
+holding the model (and the method's own state: LoRA adapter, EWC Fisher,
+dream generator) and, as metadata, its lineage and every cycle's record so
+far. `run()` resumes from the newest readable step: a step that fails to
+restore is reported, moved aside, and the one before it is used. Every cycle
+starts from host arrays and draws its randomness from (seed, cycle), so a
+resumed run computes exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sleep_jax import baselines
+from sleep_jax import dreaming
+from sleep_jax import eval as eval_lib
+from sleep_jax import growth
+from sleep_jax import seeding
+from sleep_jax import wake
+from sleep_jax.checkpoints.manager import Checkpointer
+from sleep_jax.models import cms
+from sleep_jax.models import lora
+from sleep_jax.models.config import dataclass_from_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a method does in wake and in sleep.
+
+  wake: 'cms' (a new fast-level expert learns the session online),
+    'finetune' (every parameter), 'lora' (one adapter, kept across
+    sessions) or 'none' (the passages are only read, in context).
+  consolidate: Knowledge Seeding into the slow level, with `seeding` as
+    overrides of the `sleep.*` config.
+  dream: dreaming after consolidation (or alone), rehearsed into the slow
+    level's expert unlocked this sleep (a new one is grown if needed).
+  reset_fast: clear the fast level each night without consolidating.
+  replay / ewc: fine-tuning with a replay buffer of earlier sessions' rows /
+    with the EWC penalty.
+  """
+  wake: str
+  consolidate: bool = False
+  dream: bool = False
+  seeding: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  reset_fast: bool = False
+  replay: bool = False
+  ewc: bool = False
+
+
+METHODS = {
+    'sleep': Method('cms', consolidate=True, dream=True),
+    'sleep_no_expansion': Method('cms', consolidate=True, dream=True,
+                                 seeding={'expansion': False}),
+    'sleep_no_lti': Method('cms', consolidate=True, dream=True,
+                           seeding={'alpha': 1.0}),
+    'sleep_no_dreaming': Method('cms', consolidate=True),
+    'no_consolidation': Method('cms', reset_fast=True),
+    'finetune': Method('finetune'),
+    'lora_finetune': Method('lora'),
+    'replay': Method('finetune', replay=True),
+    'ewc': Method('finetune', ewc=True),
+    'seal': Method('none', dream=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+  """The baselines' knobs (config keys `baselines.<field>`); their learning
+  rates come from the sweep recorded in experiments/configs/continual.py."""
+  finetune_learning_rate: float = 1e-3
+  lora_learning_rate: float = 3e-3
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ((r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
+                         (r'(up|gate|down)_kernel$', 1))
+  replay_fraction: float = 0.5
+  ewc_weight: float = 100.0
+  fisher_rows: int = 64
+
+  def __post_init__(self):
+    for name in ('finetune_learning_rate', 'lora_learning_rate', 'lora_alpha'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'baselines.{name}={getattr(self, name)} must be > 0.')
+    if not 0 < self.replay_fraction < 1:
+      raise ValueError(f'baselines.replay_fraction={self.replay_fraction} '
+                       'must be in (0, 1).')
+    if self.ewc_weight < 0 or self.fisher_rows < 1:
+      raise ValueError('baselines.ewc_weight must be >= 0 and '
+                       'baselines.fisher_rows >= 1; got '
+                       f'{self.ewc_weight}, {self.fisher_rows}.')
+    self.lora  # validates rank / targets
+
+  @property
+  def lora(self) -> lora.LoraConfig:
+    return lora.LoraConfig(self.lora_rank, self.lora_alpha,
+                           tuple((str(p), int(n)) for p, n in self.lora_targets))
+
+  @classmethod
+  def from_dict(cls, values, key: str = 'baselines'):
+    values = dict(values)
+    if 'lora_targets' in values:
+      values['lora_targets'] = tuple((str(p), int(n))
+                                     for p, n in values['lora_targets'])
+    return dataclass_from_dict(cls, values, key)
+
+
+@dataclasses.dataclass
+class Session:
+  """What one session brings, as arrays.
+
+  rows: wake rows (inputs / targets / mask) of its passages;
+  tasks: dreaming contexts (one passage per person) with their recall items;
+  items: closed-book recall items of its people (`eval.encode_items`).
+  """
+  rows: dict
+  tasks: dreaming.Tasks
+  items: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything a lifecycle needs besides its method and seed."""
+  model: Any
+  sessions: list
+  base_items: dict
+  wake_steps: int
+  batch_size: int
+  seeding: seeding.SeedingConfig
+  dreaming: dreaming.DreamingConfig
+  baselines: BaselineConfig
+  token_ids: Mapping[str, int]        # bos_id, eos_id, pad_id
+  decode: Callable[[list[int]], str]
+  judge: Any
+  mesh: Any
+  rules: Any
+  lineage: Mapping[str, Any]          # config_hash, code_version
+  fast_level: int = 0
+  slow_level: int = 1
+
+
+def active_param_count(params, model_state, adapter=None) -> int:
+  """Parameters that take part in the forward pass: masked-off expert slots
+  do not count; an adapter does."""
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  masks = model_state.get(cms.CMS_COLLECTION, {})
+  for level in range(len(masks)):
+    inactive_E = ~np.asarray(masks[cms.level_name(level)])
+    mask = growth.expert_mask(params, level, inactive_E)
+    total -= sum(int(np.sum(np.broadcast_to(m, np.shape(x))))
+                 for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(params))
+                 if m is not False)
+  return total + (lora.num_params(adapter) if adapter is not None else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _wake_step(model, mesh, rules, batch_size: int, seq_len: int):
+  example = jnp.zeros((batch_size, seq_len), jnp.int32)
+  shardings = wake.wake_state_shardings(model, mesh, rules, example)
+  return wake.compile_wake_step(model, shardings, mesh, rules), shardings
+
+
+class Lifecycle:
+  """One method, one seed, every session; see the module docstring."""
+
+  def __init__(self, name: str, seed: int, settings: Settings, directory: str,
+               log: Callable[[str], None] = print):
+    if name not in METHODS:
+      raise ValueError(f'Unknown method {name!r}; valid: {list(METHODS)}.')
+    self.name, self.method, self.seed, self.s = name, METHODS[name], seed, settings
+    self.seeding = dataclasses.replace(settings.seeding, **self.method.seeding)
+    self.directory = directory
+    self.log = log
+
+  # ------------------------------------------------------------- state ---
+
+  def initial_state(self, params, model_state) -> dict:
+    """The pytree saved every cycle; its structure never changes."""
+    key = jax.random.key(self.seed)
+    extra = {}
+    if self.method.wake == 'lora':
+      extra['adapter'] = lora.init(params, self.s.baselines.lora,
+                                   jax.random.fold_in(key, 1))
+    if self.method.ewc:
+      extra['fisher'] = jax.tree.map(jnp.zeros_like, params)
+      extra['anchor'] = params
+    if self.method.dream:
+      extra['generator'] = lora.init(params, self.s.dreaming.lora,
+                                     jax.random.fold_in(key, 2))
+    return jax.device_get({'params': params, 'model_state': model_state,
+                           'extra': extra})
+
+  def eval_params(self, state):
+    if self.method.wake == 'lora':
+      return lora.merge(state['params'], state['extra']['adapter'],
+                        self.s.baselines.lora)
+    return state['params']
+
+  # ------------------------------------------------------------- cycle ---
+
+  def cycle(self, state: dict, t: int) -> tuple[dict, dict]:
+    """Wake then sleep on session t; returns (state, the cycle's record)."""
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(jax.random.key(self.seed), 1000 + t)
+    host = np.random.default_rng([self.seed, t, list(METHODS).index(self.name)])
+    session = self.s.sessions[t]
+    params, model_state = state['params'], state['model_state']
+    extra = dict(state['extra'])
+    record = {'cycle': t, 'grown': [], 'reset': [], 'sleep': {}}
+    m = self.method
+    if m.wake == 'cms':
+      params, model_state = self._wake_cms(params, model_state, session.rows,
+                                           jax.random.fold_in(key, 0), host)
+    elif m.wake in ('finetune', 'lora'):
+      old = None
+      if m.replay and t > 0:
+        old = {k: np.concatenate([s.rows[k] for s in self.s.sessions[:t]])
+               for k in session.rows}
+      batches = baselines.draw_batches(
+          session.rows, self.s.wake_steps, self.s.batch_size, host, old,
+          self.s.baselines.replay_fraction if old else 0.0)
+      if m.wake == 'lora':
+        extra['adapter'], losses = baselines.lora_finetune(
+            self.s.model, self.s.baselines.lora, params, model_state,
+            extra['adapter'], batches,
+            learning_rate=self.s.baselines.lora_learning_rate)
+      else:
+        ewc = ({'anchor': extra['anchor'], 'fisher': extra['fisher'],
+                'ewc_weight': self.s.baselines.ewc_weight} if m.ewc else {})
+        params, losses = baselines.finetune(
+            self.s.model, params, model_state, batches,
+            learning_rate=self.s.baselines.finetune_learning_rate, **ewc)
+      record['sleep']['wake_loss'] = float(losses[-1])
+      if m.ewc:
+        rows = {k: v[:self.s.baselines.fisher_rows]
+                for k, v in session.rows.items()}
+        fisher = baselines.fisher_diagonal(self.s.model, params, model_state,
+                                           rows)
+        extra['fisher'] = jax.tree.map(jnp.add, extra['fisher'], fisher)
+        extra['anchor'] = params
+    params, model_state = jax.device_get((params, model_state))
+
+    slots = []
+    if m.reset_fast:
+      record['reset'] = growth.active_slots(model_state, self.s.fast_level)
+      params, model_state = growth.reset(params, model_state, self.s.fast_level,
+                                         record['reset'])
+    if m.consolidate:
+      out = seeding.consolidate(
+          self.s.model, params, model_state, level=self.s.slow_level,
+          replay={'tokens': session.rows['inputs'],
+                  'lengths': session.rows['mask'].sum(1).astype(np.int32)},
+          cfg=self.seeding, rng=jax.random.fold_in(key, 1),
+          judge=self.s.judge, decode=self.s.decode, mesh=self.s.mesh,
+          rules=self.s.rules, **self.s.token_ids)
+      params, model_state = jax.device_get((out.params, out.model_state))
+      record['reset'] = [int(s) for s in out.reset_slots]
+      if out.grown_slot is not None:
+        slots = record['grown'] = [int(out.grown_slot)]
+      else:
+        slots = growth.active_slots(model_state, self.s.slow_level)
+      record['sleep'].update({f'ks_{k}': float(v) for k, v in
+                              out.metrics[-1].items() if np.isscalar(v)})
+    if m.dream:
+      if not slots:
+        params, model_state, slot = growth.grow(
+            params, model_state, self.s.slow_level, jax.random.fold_in(key, 2))
+        slots = record['grown'] = [int(slot)]
+      out = dreaming.dream(
+          self.s.model, self.s.dreaming, params, model_state, session.tasks,
+          jax.random.fold_in(key, 3), level=self.s.slow_level, slots=slots,
+          generator=extra['generator'], seed=int(host.integers(2**31)),
+          **self.s.token_ids)
+      params, extra['generator'] = out.params, out.generator
+      if out.rounds:
+        record['sleep']['dream_reward_first'] = out.rounds[0]['reward_fraction']
+        record['sleep']['dream_reward_last'] = out.rounds[-1]['reward_fraction']
+        record['sleep']['dreams_accepted'] = len(out.accepted.get('tokens', []))
+    state = jax.device_get({'params': params, 'model_state': model_state,
+                            'extra': extra})
+    evaluated = self.eval_params(state)
+    record['acc'] = [eval_lib.recall_accuracy(self.s.model, evaluated,
+                                              model_state, s.items)
+                     for s in self.s.sessions[:t + 1]]
+    record['base_acc'] = eval_lib.recall_accuracy(
+        self.s.model, evaluated, model_state, self.s.base_items)
+    record['params'] = active_param_count(params, model_state,
+                                          extra.get('adapter'))
+    record['seconds'] = time.perf_counter() - t0
+    return state, record
+
+  def _wake_cms(self, params, model_state, rows, key, host):
+    params, model_state, _ = growth.grow(params, model_state,
+                                         self.s.fast_level, key)
+    step, shardings = _wake_step(self.s.model, self.s.mesh, self.s.rules,
+                                 self.s.batch_size, rows['inputs'].shape[1])
+    state = jax.device_put(
+        wake.init_wake_state(self.s.model.config, params, model_state),
+        shardings)
+    batches = baselines.draw_batches(rows, self.s.wake_steps,
+                                     self.s.batch_size, host)
+    for i in range(self.s.wake_steps):
+      state, _ = step(state, {k: v[i] for k, v in batches.items()},
+                      i == self.s.wake_steps - 1)
+    return state.params, state.model_state
+
+  # --------------------------------------------------------------- run ---
+
+  def run(self, params, model_state, on_cycle=None) -> list[dict]:
+    """Every session, resuming from the newest readable checkpoint; returns
+    the per-cycle records. `on_cycle(record)` after each new cycle."""
+    initial = self.initial_state(params, model_state)
+    ckpt = Checkpointer(self.directory, max_to_keep=None)
+    try:
+      state, records = self._restore(ckpt, initial)
+      for t in range(len(records), len(self.s.sessions)):
+        self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}/'
+                 f'{len(self.s.sessions)}: wake + sleep')
+        state, record = self.cycle(state, t)
+        records.append(record)
+        lineage = {'method': self.name, 'seed': self.seed, 'cycle': t,
+                   'parent_cycle': t - 1 if t else 'base', **self.s.lineage,
+                   'grown': record['grown'], 'reset': record['reset'],
+                   'sleep_metrics': record['sleep']}
+        ckpt.save(t, state, metadata={'lineage': lineage, 'records': records},
+                  force=True)
+        ckpt.wait()
+        acc = ' '.join(f'{a:.2f}' for a in record['acc'])
+        self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}: acc per '
+                 f'session [{acc}], base {record["base_acc"]:.2f}, '
+                 f'{record["seconds"]:.0f}s')
+        if on_cycle:
+          on_cycle(record)
+    finally:
+      ckpt.close()
+    return records
+
+  def _restore(self, ckpt: Checkpointer, initial: dict):
+    host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                       sharding=host),
+        initial)
+    for step in sorted(ckpt.all_steps(), reverse=True):
+      try:
+        state, metadata = ckpt.restore(step, abstract)
+        records = list(metadata['records'])
+        if len(records) != step + 1:
+          raise ValueError(f'{len(records)} cycle records, expected {step + 1}')
+      except Exception as e:  # pylint: disable=broad-except
+        bad = os.path.join(ckpt.directory, str(step))
+        aside = f'{ckpt.directory}.bad-step{step}-{int(time.time())}'
+        self.log(f'[{self.name} seed {self.seed}] checkpoint {bad} is '
+                 f'unreadable ({type(e).__name__}: {str(e)[:200]}); moved to '
+                 f'{aside}, falling back to the cycle before it.')
+        shutil.move(bad, aside)
+        ckpt.reload()
+        continue
+      self.log(f'[{self.name} seed {self.seed}] resuming after cycle '
+               f'{step + 1} from {os.path.join(ckpt.directory, str(step))}')
+      return jax.device_get(state), records
+    return initial, []
+
