@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from typing import Any
@@ -138,6 +139,12 @@ def _by_person(records) -> dict[str, list[dict]]:
   return out
 
 
+def _sentences(records) -> list[str]:
+  """Each passage's sentences, one row each: wake learns facts, not
+  passage layouts, and consolidation replays short prefixes."""
+  return [s for r in records for s in re.split(r'(?<=\.) ', r['text'])]
+
+
 def _reading_people(world: world_tfds.WorldConfig, count: int):
   taken = {p.name for _, p in world.people()}
   people = facts.make_people(count + len(taken), world.seed + 1_000_003)
@@ -168,15 +175,17 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str):
                      f'model.vocab_size={parsed["model"].vocab_size}; raise it.')
   seq_len = int(config.data.seq_len)
   encoder = fact_world.FactWorld(tokenizer, [], [], seq_len)
+  documents = fact_world.FactWorld(tokenizer, [], [],
+                                   int(config.data.document_len))
   items = lambda recs: eval_lib.encode_items(
       tokenizer, [(r['prompt'], r['answer']) for r in recs], seq_len)
   repeats = int(config.world.closed_book_repeats)
-  base_rows = encoder.rows([r['text'] for r in passages[0]] * repeats)
+  base_rows = documents.rows(_sentences(passages[0]) * repeats)
   if readers:
-    docs = encoder.documents(readers, np.random.default_rng(world.seed))
+    docs = documents.documents(readers, np.random.default_rng(world.seed))
     base_rows = {k: np.concatenate([base_rows[k], docs[k]]) for k in docs}
   sessions = []
-  width = int(config.prompt_width)
+  width = int(config.data.document_len)
   dream_cfg = parsed['dreaming']
   for t in range(1, world.sessions + 1):
     people = _by_person(passages[t])
@@ -191,7 +200,7 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str):
                            {k: np.stack([x[k] for x in per_person])
                             for k in per_person[0]})
     sessions.append(lifecycle.Session(
-        rows=encoder.rows([r['text'] for r in passages[t]]), tasks=tasks,
+        rows=encoder.rows(_sentences(passages[t])), tasks=tasks,
         items=items(questions[t])))
   return tokenizer, base_rows, items(questions[0]), sessions
 
@@ -208,7 +217,7 @@ def base_model(config, parsed, model, rows, directory: str, mesh, rules,
   template = ml_collections.ConfigDict(dict(
       base_train_steps=int(config.base.train_steps), seed=int(config.base.seed),
       stream=dict(batch_size=int(config.base.batch_size)),
-      data=dict(seq_len=int(config.data.seq_len)),
+      data=dict(seq_len=int(config.data.document_len)),
       optimizer=config.optimizer.to_dict()))
   if os.path.exists(params_path):
     log(f'reusing the base model in {directory}')

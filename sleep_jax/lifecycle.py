@@ -263,6 +263,10 @@ class Lifecycle:
     params, model_state = jax.device_get((params, model_state))
 
     slots = []
+    if m.consolidate or m.dream:
+      self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}: sleep '
+               f'({"consolidation, " if m.consolidate else ""}'
+               f'{"dreaming" if m.dream else "no dreaming"})')
     if m.reset_fast:
       record['reset'] = growth.active_slots(model_state, self.s.fast_level)
       params, model_state = growth.reset(params, model_state, self.s.fast_level,

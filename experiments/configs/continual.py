@@ -46,9 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                learning_rate=2e-3, optimizer='adam', update_dense=False),
           dict(chunk_size=0, width=256, num_experts=8, rank=16, top_k=2,
                learning_rate=0.0, optimizer='adam', update_dense=False)]))
-  config.data = ml_collections.ConfigDict(dict(seq_len=56,
-                                               tokenizer_vocab_size=500))
-  config.prompt_width = 56
+  # seq_len: one sentence (wake rows, questions); document_len: a passage
+  # plus a restated fact (base training, dream prompts).
+  config.data = ml_collections.ConfigDict(dict(
+      seq_len=32, document_len=88, tokenizer_vocab_size=500))
   config.base = ml_collections.ConfigDict(dict(
       train_steps=1500, batch_size=32, seed=0, experts=[0, 2]))
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -59,9 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.wake = ml_collections.ConfigDict(dict(steps=150, batch_size=32))
   config.sleep = ml_collections.ConfigDict(dict(
       alpha=0.5, lmbda=0.5, lmbda_mode='sample', divergence='jsd', beta=0.5,
-      temperature=1.0, gamma=0.5, z0=8.0, group_size=4,
+      temperature=1.0, gamma=0.5, z0=8.0, group_size=2,
       normalize_advantages=False, judge='exact', judge_threshold=None,
-      num_steps=200, batch_size=16, learning_rate=1e-2, max_new_tokens=16,
+      num_steps=100, batch_size=8, learning_rate=1e-2, max_new_tokens=12,
       prompt_source='mixed', bos_fraction=0.25, min_prompt_tokens=2,
       expansion=True))
   config.dreaming = ml_collections.ConfigDict(dict(
@@ -97,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.sessions = 2
       config.methods = list(ALL_METHODS)
       config.model.update(d_model=32, num_layers=1, d_ff=64, max_len=96)
-      config.data.seq_len = config.prompt_width = 80
+      config.data.update(seq_len=40, document_len=80)
       config.model.cms_levels = [dict(level, width=32, rank=4)
                                  for level in config.model.cms_levels]
       config.world.update(base_people=10, people_per_session=2,

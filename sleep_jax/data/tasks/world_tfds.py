@@ -103,6 +103,7 @@ class FactWorld(tfds.core.GeneratorBasedBuilder):
 
 def build(data_dir: str, world: WorldConfig) -> str:
   """Generates the dataset under `data_dir` unless it is there; its path."""
+  tfds.disable_progress_bar()  # the run's own progress lines say enough
   builder = FactWorld(data_dir=data_dir, config=_BuilderConfig(world),
                       file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

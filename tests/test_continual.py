@@ -1,0 +1,198 @@
+"""The main job, `python -m experiments.continual`: outputs, kill -9 and
+resume, a corrupted checkpoint, and bad configs failing before compiling.
+
+One uninterrupted smoke run of all ten methods (the CI variant) is the
+reference; a second workdir runs two of them, is killed with SIGKILL during
+a sleep cycle, resumed, then has its newest checkpoint truncated and is run
+again: its per-method results and final params must equal the reference's.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments.configs import continual as continual_config
+from sleep_jax import continual
+from sleep_jax import lifecycle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = '--config=experiments/configs/continual.py:smoke'
+
+
+def _command(workdir, *overrides):
+  return [sys.executable, '-u', '-m', 'experiments.continual', SMOKE,
+          f'--workdir={workdir}', *overrides]
+
+
+def _run(workdir, *overrides):
+  proc = subprocess.run(_command(workdir, *overrides), cwd=ROOT,
+                        capture_output=True, text=True, timeout=400)
+  if proc.returncode:
+    raise AssertionError(f'exit {proc.returncode}\n{proc.stdout}\n'
+                         f'{proc.stderr[-3000:]}')
+  return proc.stdout
+
+
+def _without_seconds(tree):
+  if isinstance(tree, dict):
+    return {k: _without_seconds(v) for k, v in tree.items() if k != 'seconds'}
+  if isinstance(tree, list):
+    return [_without_seconds(v) for v in tree]
+  return tree
+
+
+def _final_state(workdir, method, seed, cycle):
+  path = os.path.join(workdir, 'checkpoints', method, f'seed_{seed}', str(cycle),
+                      'state')
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  stdout = _run(workdir)
+  return workdir, stdout
+
+
+def test_smoke_writes_every_output(reference):
+  workdir, stdout = reference
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  assert list(results['methods']) == list(lifecycle.METHODS)
+  assert results['seeds'] == [0, 1] and results['config']['sessions'] == 2
+  for name, entry in results['methods'].items():
+    matrix = entry['acc_matrix']
+    assert len(matrix) == 2 and matrix[0][1] is None
+    assert all(0 <= a <= 1 for row in matrix for a in row if a is not None)
+    finals = [run['final_acc'] for run in entry['per_seed']]
+    assert entry['final_acc'] == pytest.approx(np.mean(finals))
+    assert entry['final_acc_std'] == pytest.approx(np.std(finals, ddof=1))
+    bwts = [run['acc_matrix'][1][0] - run['acc_matrix'][0][0]
+            for run in entry['per_seed']]
+    assert entry['bwt'] == pytest.approx(np.mean(bwts))
+    assert [run['seed'] for run in entry['per_seed']] == [0, 1]
+    assert entry['params'] > 0 and entry['seconds'] > 0
+  # Sleep grows one slow expert per session; fine-tuning grows nothing.
+  sleep_params = results['methods']['sleep']['params']
+  assert sleep_params > results['methods']['finetune']['params']
+  assert results['methods']['lora_finetune']['params'] > (
+      results['methods']['finetune']['params'])
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert 'Continual fine-tuning' in report and 'Sleep w/o LTI' in report
+  plots = sorted(os.listdir(os.path.join(workdir, 'plots')))
+  assert len(plots) == 2 * len(lifecycle.METHODS) + 1 and 'methods.png' in plots
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert any('sleep/seed1/acc_session1' in r for r in rows)
+  assert any(f.startswith('events.out.tfevents') for f in
+             os.listdir(os.path.join(workdir, 'tensorboard')))
+  saved = json.load(open(os.path.join(workdir, 'config.json')))
+  assert saved['methods'] == list(continual_config.ALL_METHODS)
+  # One Orbax step per sleep cycle, with its lineage.
+  seed_dir = os.path.join(workdir, 'checkpoints', 'sleep', 'seed_0')
+  assert sorted(d for d in os.listdir(seed_dir) if d.isdigit()) == ['0', '1']
+  meta = json.load(open(os.path.join(seed_dir, '1', 'metadata', 'metadata')))
+  lineage = meta['lineage']
+  assert lineage['parent_cycle'] == 0 and lineage['cycle'] == 1
+  assert len(lineage['grown']) == 1 and lineage['reset']
+  assert lineage['config_hash'] and lineage['code_version']
+  assert 'ks_loss' in lineage['sleep_metrics']
+  assert 'training the base model' in stdout
+
+
+def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference,
+                                                                tmp_path):
+  ref_dir, _ = reference
+  workdir = str(tmp_path / 'killed')
+  methods = '--config.methods=("ewc","sleep")'
+  proc = subprocess.Popen(_command(workdir, methods), cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  for line in proc.stdout:
+    if line.startswith('[sleep seed 1] cycle 2: sleep'):
+      os.kill(proc.pid, signal.SIGKILL)
+      break
+    assert time.time() < deadline, 'the sleep cycle never started'
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  seed_dir = os.path.join(workdir, 'checkpoints', 'sleep', 'seed_1')
+  assert sorted(d for d in os.listdir(seed_dir) if d.isdigit()) == ['0']
+  assert not os.path.exists(os.path.join(workdir, 'results.json')) or (
+      'sleep' not in json.load(open(os.path.join(workdir, 'results.json')))[
+          'methods'])
+
+  stdout = _run(workdir, methods)
+  assert 'reusing the base model' in stdout
+  assert '[sleep seed 1] resuming after cycle 1' in stdout
+  assert '[sleep seed 0] cycle' not in stdout  # finished before the kill
+
+  def check_equal():
+    ref = json.load(open(os.path.join(ref_dir, 'results.json')))
+    got = json.load(open(os.path.join(workdir, 'results.json')))
+    for name in ('ewc', 'sleep'):
+      assert _without_seconds(got['methods'][name]) == _without_seconds(
+          ref['methods'][name])
+    for name in ('ewc', 'sleep'):
+      a = _final_state(ref_dir, name, 1, 1)
+      b = _final_state(workdir, name, 1, 1)
+      for x, y in zip(jax_leaves(a), jax_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+  check_equal()
+
+  # Truncate every file of sleep seed 1's newest step: the rerun says which
+  # checkpoint was bad, and redoes that cycle from the one before.
+  newest = os.path.join(seed_dir, '1')
+  for folder, _, files in os.walk(newest):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  stdout = _run(workdir, methods)
+  assert f'checkpoint {newest} is unreadable' in stdout
+  assert '[sleep seed 1] resuming after cycle 1' in stdout
+  assert '[sleep seed 1] cycle 2: sleep' in stdout
+  check_equal()
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
+
+
+def test_bad_configs_fail_before_compiling(tmp_path, compile_counter):
+  cases = [
+      (dict(sleep_alpha=2.0), 'sleep.alpha=2'),
+      (dict(chunks=(2, 3)), r'model.cms_levels\[1\].chunk_size=3'),
+      (dict(methods=['sleep', 'bogus']), 'bogus'),
+      (dict(num_experts=2), r'model.cms_levels\[1\].num_experts=2 is too small'),
+      (dict(lora_rank=0), 'lora.rank=0'),
+  ]
+  for change, message in cases:
+    config = continual_config.get_config('smoke')
+    if 'sleep_alpha' in change:
+      config.sleep.alpha = change['sleep_alpha']
+    if 'chunks' in change:
+      for level, chunk in zip(config.model.cms_levels, change['chunks']):
+        level['chunk_size'] = chunk
+    if 'methods' in change:
+      config.methods = change['methods']
+    if 'num_experts' in change:
+      config.model.cms_levels[1]['num_experts'] = change['num_experts']
+    if 'lora_rank' in change:
+      config.baselines.lora_rank = change['lora_rank']
+    workdir = tmp_path / 'never'
+    with compile_counter() as compiled:
+      with pytest.raises(ValueError, match=message):
+        continual.run(config, str(workdir))
+    assert compiled() == 0 and not workdir.exists()
+  # The command line fails the same way, naming the key.
+  proc = subprocess.run(_command(tmp_path / 'cli', '--config.sleep.alpha=2'),
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'sleep.alpha=2' in proc.stderr
+  assert 'base model' not in proc.stdout
