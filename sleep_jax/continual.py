@@ -271,7 +271,8 @@ def _per_seed(seed: int, records: list[dict]) -> dict:
           'final_acc': eval_lib.final_acc(matrix), 'bwt': eval_lib.bwt(matrix),
           'base_acc': records[-1]['base_acc'], 'params': records[-1]['params'],
           'seconds': sum(r['seconds'] for r in records),
-          'cycles': [{k: r[k] for k in ('grown', 'reset', 'sleep', 'base_acc')}
+          'cycles': [{k: r[k] for k in ('grown', 'reset', 'sleep', 'base_acc',
+                                        'stages')}
                      for r in records]}
 
 

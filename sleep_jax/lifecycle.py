@@ -261,6 +261,13 @@ class Lifecycle:
         extra['fisher'] = jax.tree.map(jnp.add, extra['fisher'], fisher)
         extra['anchor'] = params
     params, model_state = jax.device_get((params, model_state))
+    stages = record['stages'] = {}
+    probe = lambda: {'session': eval_lib.recall_accuracy(
+        self.s.model, params, model_state, session.items),
+                     'base': eval_lib.recall_accuracy(
+        self.s.model, params, model_state, self.s.base_items)}
+    if m.wake == 'cms':
+      stages['wake'] = probe()
 
     slots = []
     if m.consolidate or m.dream:
@@ -287,6 +294,7 @@ class Lifecycle:
         slots = growth.active_slots(model_state, self.s.slow_level)
       record['sleep'].update({f'ks_{k}': float(v) for k, v in
                               out.metrics[-1].items() if np.isscalar(v)})
+      stages['consolidation'] = probe()
     if m.dream:
       if not slots:
         params, model_state, slot = growth.grow(
@@ -352,6 +360,10 @@ class Lifecycle:
                   force=True)
         ckpt.wait()
         acc = ' '.join(f'{a:.2f}' for a in record['acc'])
+        for stage, values in record['stages'].items():
+          self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}: after '
+                   f'{stage}: session {values["session"]:.2f}, base '
+                   f'{values["base"]:.2f}')
         self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}: acc per '
                  f'session [{acc}], base {record["base_acc"]:.2f}, '
                  f'{record["seconds"]:.0f}s')
