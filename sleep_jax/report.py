@@ -242,11 +242,11 @@ def _plot_methods(methods: dict, chance, path: str) -> None:
     acc_ax.legend(fontsize=9)
   acc_ax.set_ylim(0.0, 1.0)
   acc_ax.set_ylabel('final ACC')
-  acc_ax.set_title('Final accuracy (mean ± std over seeds)')
+  acc_ax.set_title('Final ACC (mean ± std over seeds)')
   bwt_ax.bar(x, scores[:, 2], yerr=scores[:, 3], capsize=4, color='tab:red')
   bwt_ax.axhline(0.0, color='black', linewidth=0.8)
   bwt_ax.set_ylabel('BWT')
-  bwt_ax.set_title('Backward transfer (mean ± std over seeds)')
+  bwt_ax.set_title('BWT (mean ± std over seeds)')
   for ax in (acc_ax, bwt_ax):
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, ha='right', fontsize=9)

@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lora_targets=[[r'attn/(q|k|v)_kernel$', 1], [r'attn/o_kernel$', 2],
                     [r'(up|gate|down)_kernel$', 1]],
       replay_fraction=0.5, ewc_weight=100.0, fisher_rows=64))
-  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = ml_collections.ConfigDict(dict(
       rules=[list(rule) for rule in DEFAULT_RULES]))
 
