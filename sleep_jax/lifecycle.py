@@ -90,8 +90,10 @@ METHODS = {
 class BaselineConfig:
   """The baselines' knobs (config keys `baselines.<field>`); their learning
   rates come from the sweep recorded in experiments/configs/continual.py."""
-  finetune_learning_rate: float = 1e-3
-  lora_learning_rate: float = 3e-3
+  finetune_learning_rate: float = 1e-4
+  lora_learning_rate: float = 3e-4
+  replay_learning_rate: float = 3e-3
+  ewc_learning_rate: float = 1e-4
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_targets: tuple = ((r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
@@ -101,7 +103,8 @@ class BaselineConfig:
   fisher_rows: int = 64
 
   def __post_init__(self):
-    for name in ('finetune_learning_rate', 'lora_learning_rate', 'lora_alpha'):
+    for name in ('finetune_learning_rate', 'lora_learning_rate',
+                 'replay_learning_rate', 'ewc_learning_rate', 'lora_alpha'):
       if not getattr(self, name) > 0:
         raise ValueError(f'baselines.{name}={getattr(self, name)} must be > 0.')
     if not 0 < self.replay_fraction < 1:
@@ -249,9 +252,10 @@ class Lifecycle:
       else:
         ewc = ({'anchor': extra['anchor'], 'fisher': extra['fisher'],
                 'ewc_weight': self.s.baselines.ewc_weight} if m.ewc else {})
+        rate = ('ewc' if m.ewc else 'replay' if m.replay else 'finetune')
         params, losses = baselines.finetune(
-            self.s.model, params, model_state, batches,
-            learning_rate=self.s.baselines.finetune_learning_rate, **ewc)
+            self.s.model, params, model_state, batches, learning_rate=getattr(
+                self.s.baselines, f'{rate}_learning_rate'), **ewc)
       record['sleep']['wake_loss'] = float(losses[-1])
       if m.ewc:
         rows = {k: v[:self.s.baselines.fisher_rows]
