@@ -9,8 +9,8 @@ r"""The main job (issue 7): continual knowledge incorporation, DESIGN §10.1.
 Variants (comma-separated): "" (default: Sleep, continual fine-tuning and
 no consolidation, 3 seeds; 11 min on 2 CPU cores with base training),
 `full` (all ten methods, 5 seeds; about 40 min, 7.6 min per seed with the
-base cached), `smoke` (a tiny model, CI, ~45 s), `lr_sweep` (the baselines' learning-rate sweep; see
-below). Any key can be overridden: `--config.sessions=5`,
+base cached), `smoke` (a tiny model, CI, ~45 s), `lr_sweep` (the
+baselines' learning-rate sweep; see below). Any key can be overridden: `--config.sessions=5`,
 `--config.sleep.alpha=1`, `--config.methods='("sleep","ewc")'`.
 
 A tiny two-level CMS LM learns a base population of fictional people, then
