@@ -61,6 +61,8 @@ def _finetune(model, params, model_state, batches, learning_rate, anchor,
 
   def loss_fn(p, batch):
     loss = _loss(model, p, model_state, batch)
+    if fisher is None:  # plain fine-tuning: no penalty term in the program
+      return loss
     penalty = sum(jnp.sum(f * (x - a) ** 2) for f, x, a in zip(
         jax.tree.leaves(fisher), jax.tree.leaves(p), jax.tree.leaves(anchor)))
     return loss + 0.5 * ewc_weight * penalty
@@ -81,9 +83,6 @@ def finetune(model: nn.Module, params, model_state, batches: dict, *,
   """Adam on every parameter over `batches` ([S, B, L] inputs/targets/mask).
   With `fisher` and `anchor` (params-shaped) adds the EWC penalty. Returns
   (params, per-step losses)."""
-  if fisher is None:
-    fisher = jax.tree.map(jnp.zeros_like, params)
-    anchor = params
   params, losses = _finetune(model, params, model_state,
                              jax.tree.map(jnp.asarray, batches),
                              jnp.float32(learning_rate), anchor, fisher,

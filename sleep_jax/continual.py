@@ -145,12 +145,6 @@ def _sentences(records) -> list[str]:
   return [s for r in records for s in re.split(r'(?<=\.) ', r['text'])]
 
 
-def _reading_people(world: world_tfds.WorldConfig, count: int):
-  taken = {p.name for _, p in world.people()}
-  people = facts.make_people(count + len(taken), world.seed + 1_000_003)
-  return [p for p in people if p.name not in taken][:count]
-
-
 def load_world(config, parsed, workdir: str, tokenizer_path: str):
   """(tokenizer, base rows, base items, [lifecycle.Session]) from the TFDS
   world; the tokenizer is trained once and kept next to the base model."""
@@ -162,7 +156,8 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str):
               for t in range(world.sessions + 1)]
   questions = [world_tfds.session_records(source['questions'], t)
                for t in range(world.sessions + 1)]
-  readers = _reading_people(world, int(config.world.reading_people))
+  readers = facts.strangers(int(config.world.reading_people),
+                            [p.name for _, p in world.people()], world.seed)
   if os.path.exists(tokenizer_path):
     tokenizer = SentencePieceTokenizer.load(tokenizer_path)
   else:
@@ -190,15 +185,9 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str):
   for t in range(1, world.sessions + 1):
     people = _by_person(passages[t])
     asked = _by_person(questions[t])
-    contexts = [recs[0]['text'] for recs in people.values()]
-    prompts = dreaming.render_prompts(tokenizer, contexts, dream_cfg.template,
-                                      width)
-    context_rows = dreaming.render_prompts(tokenizer, contexts, 'continue',
-                                           width)
-    per_person = [items(asked[name]) for name in people]
-    tasks = dreaming.Tasks(*prompts, *context_rows,
-                           {k: np.stack([x[k] for x in per_person])
-                            for k in per_person[0]})
+    tasks = dreaming.make_tasks(
+        tokenizer, [recs[0]['text'] for recs in people.values()],
+        [items(asked[name]) for name in people], dream_cfg.template, width)
     sessions.append(lifecycle.Session(
         rows=encoder.rows(_sentences(passages[t])), tasks=tasks,
         items=items(questions[t])))

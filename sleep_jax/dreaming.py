@@ -172,6 +172,17 @@ def render_prompts(tokenizer, contexts: list[str], template: str, width: int):
   return tokens, np.asarray([len(r) for r in rows], np.int32)
 
 
+def make_tasks(tokenizer, contexts: list[str],
+               items: list[Mapping[str, np.ndarray]], template: str,
+               width: int) -> Tasks:
+  """Tasks from context texts and each one's `eval.encode_items` arrays
+  (the same number of items per context)."""
+  prompts = render_prompts(tokenizer, contexts, template, width)
+  context_rows = render_prompts(tokenizer, contexts, 'continue', width)
+  return Tasks(*prompts, *context_rows,
+               {k: np.stack([x[k] for x in items]) for k in items[0]})
+
+
 # --------------------------------------------------------------- generate ---
 
 

@@ -69,26 +69,14 @@ def validate_config(config):
   return model_config, runs or [base]
 
 
-def reading_people(world: fact_world.FactWorld, count: int, seed: int):
-  """`count` people whose names occur nowhere else in the world."""
-  taken = {p.name for p in world.base + sum(world.sessions, [])}
-  people = facts.make_people(count + len(taken), seed + 1_000_003)
-  return [p for p in people if p.name not in taken][:count]
-
-
 def make_tasks(world: fact_world.FactWorld, people, cfg: dreaming.DreamingConfig,
                prompt_width: int, seed: int) -> dreaming.Tasks:
   """One context per person: their passage; tau = recall of its facts."""
   rng = np.random.default_rng(seed)
   texts = [' '.join(facts.passages(p, rng)) for p in people]
-  prompts, prompt_lengths = dreaming.render_prompts(world.tokenizer, texts,
-                                                    cfg.template, prompt_width)
-  contexts, context_lengths = dreaming.render_prompts(
-      world.tokenizer, texts, 'continue', prompt_width)
-  per_person = [world.recall([p]) for p in people]
-  items = {k: np.stack([x[k] for x in per_person]) for k in per_person[0]}
-  return dreaming.Tasks(prompts, prompt_lengths, contexts, context_lengths,
-                        items)
+  return dreaming.make_tasks(world.tokenizer, texts,
+                             [world.recall([p]) for p in people], cfg.template,
+                             prompt_width)
 
 
 def _label(cfg: dreaming.DreamingConfig, base: dreaming.DreamingConfig) -> str:
@@ -109,7 +97,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   model = Transformer(model_config)
   data_rng = np.random.default_rng(config.seed)
   readers = world.documents(
-      reading_people(world, int(config.stream.reading_people), config.world_seed),
+      facts.strangers(int(config.stream.reading_people),
+                      {p.name for p in world.base + sum(world.sessions, [])},
+                      config.world_seed),
       data_rng)
   closed_book = world.passages(world.base)
   repeats = int(config.stream.closed_book_repeats)

@@ -71,6 +71,14 @@ def make_people(num_people: int, seed: int) -> list[Person]:
   return people
 
 
+def strangers(count: int, taken_names, seed: int) -> list[Person]:
+  """`count` people whose names are not in `taken_names` (people met nowhere
+  else in a world), drawn from a seed-derived stream."""
+  taken = set(taken_names)
+  people = make_people(count + len(taken), seed + 1_000_003)
+  return [p for p in people if p.name not in taken][:count]
+
+
 def passages(person: Person, rng: np.random.Generator) -> list[str]:
   """One sentence per attribute, each in a randomly chosen paraphrase."""
   return [paraphrase(a, person.name, value, rng)
