@@ -70,8 +70,8 @@ def main(argv):
                                             jnp.zeros((1, 8), jnp.int32))))
   params = variables.pop('params')
   cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
-  one = jax.jit(lambda key, t, m, it: dream_sft.isolated_copy(
-      model, cfg, params, variables, key, t, m, it))
+  one = jax.jit(lambda key, d, it: dream_sft.isolated_copy(
+      model, cfg, params, variables, key, d, it))
   print(f'per copy: LoRA rank {cfg.lora_rank} on {len(cfg.lora.targets)} '
         f'kernel patterns, {cfg.eval_steps} SFT steps on a '
         f'{_DREAM_TOKENS.value}-token dream, tau on 3 items', flush=True)
@@ -81,20 +81,24 @@ def main(argv):
                                    _DREAM_TOKENS.value)
     rng = jax.random.key(1)
     keys = dream_sft.copy_keys(rng, n)
-    items_j = {k: jnp.asarray(v) for k, v in items.items()}
+    data = dream_sft.dream_copies(tokens, masks, cfg)
+    # Each copy's inputs are sliced before timing, as separate runs would
+    # have them ready.
+    per_copy = [(keys[i], jax.tree.map(lambda x, i=i: x[i], data),
+                 {k: jnp.asarray(v[i]) for k, v in items.items()})
+                for i in range(n)]
 
     def vmapped():
-      return dream_sft.evaluate(model, cfg, params, variables, rng, tokens,
-                               masks, items).reward
+      return dream_sft.evaluate(model, cfg, params, variables, rng, data,
+                               items).reward
 
     def sequential():
-      return [one(keys[i], tokens[i], masks[i],
-                  {k: v[i] for k, v in items_j.items()})[1] for i in range(n)]
+      return [one(*args)[1] for args in per_copy]
 
     together = np.asarray(vmapped())                     # compile + check
     apart = np.asarray(sequential())
     before = np.asarray(dream_sft.evaluate(model, cfg, params, variables, rng,
-                                          tokens, masks, items).tau_before)
+                                          data, items).tau_before)
     if not np.array_equal(together, (apart > before).astype(np.float32)):
       raise RuntimeError('vmapped and sequential rewards differ')
     t_vmap = _median_seconds(vmapped, _REPEATS.value)

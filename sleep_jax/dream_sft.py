@@ -84,6 +84,32 @@ def dream_rows(dreams_BxN, lengths_B, *, bos_id: int, pad_id: int):
 # --------------------------------------------------------------- evaluate ---
 
 
+class CopyData(NamedTuple):
+  """What each isolated copy trains on (leading copy axis N when batched).
+
+  tokens / mask: [S, B, L] SFT rows per step (mask: seeding.join's);
+  learning_rate: [] Adam's rate; active: bool [S], steps past a copy's own
+  step count leave its LoRA and optimiser state untouched.
+  """
+  tokens: Any
+  mask: Any
+  learning_rate: Any
+  active: Any
+
+
+def dream_copies(tokens_NxL, mask_NxL, cfg) -> CopyData:
+  """Text dreams: each copy takes `eval_steps` steps on its one dream row at
+  `eval_learning_rate`."""
+  tokens = jnp.asarray(tokens_NxL)[:, None, None]
+  mask = jnp.asarray(mask_NxL)[:, None, None]
+  n, steps = tokens.shape[0], cfg.eval_steps
+  return CopyData(
+      jnp.broadcast_to(tokens, (n, steps) + tokens.shape[2:]),
+      jnp.broadcast_to(mask, (n, steps) + mask.shape[2:]),
+      jnp.full((n,), cfg.eval_learning_rate, jnp.float32),
+      jnp.ones((n, steps), jnp.bool_))
+
+
 class Evaluation(NamedTuple):
   tau_before: jax.Array  # [N]
   tau_after: jax.Array   # [N]
@@ -91,36 +117,38 @@ class Evaluation(NamedTuple):
   adapters: Any          # the N trained LoRAs (leading copy axis)
 
 
-def isolated_copy(model: nn.Module, cfg, params, model_state,
-                  key, tokens_L, mask_L, items):
+def isolated_copy(model: nn.Module, cfg, params, model_state, key,
+                  data: CopyData, items):
   """One dream's isolated evaluation: (tau before, tau after, trained LoRA).
 
-  A fresh LoRA from `key`, `eval_steps` Adam steps on the dream alone.
+  A fresh LoRA from `key`, one Adam step per active step of `data` (one
+  copy's, no leading axis).
   """
   adapter = lora.init(params, cfg.lora, key)
-  tx = optax.adam(cfg.eval_learning_rate)
+  tx = optax.adam(data.learning_rate)
   copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
-  loss = lambda a: sft_loss(model, params, model_state, tokens_L[None],
-                            mask_L[None], a, cfg)
 
-  def body(_, carry):
+  def step(carry, batch):
+    tokens_BxL, mask_BxL, active = batch
     a, opt_state = carry
-    grads = jax.grad(loss)(a)
-    updates, opt_state = tx.update(grads, opt_state, a)
-    return optax.apply_updates(a, updates), opt_state
+    grads = jax.grad(lambda a: sft_loss(model, params, model_state, tokens_BxL,
+                                        mask_BxL, a, cfg))(a)
+    updates, new_opt_state = tx.update(grads, opt_state, a)
+    new = (optax.apply_updates(a, updates), new_opt_state)
+    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), None
 
   before = copy_tau(adapter)
-  adapter, _ = jax.lax.fori_loop(0, cfg.eval_steps, body,
-                                 (adapter, tx.init(adapter)))
+  (adapter, _), _ = jax.lax.scan(step, (adapter, tx.init(adapter)),
+                                 (data.tokens, data.mask, data.active))
   return before, copy_tau(adapter), adapter
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _evaluate(model, cfg, params, model_state, keys, tokens, masks, items):
+def _evaluate(model, cfg, params, model_state, keys, data, items):
   one = lambda xs: isolated_copy(model, cfg, params, model_state, *xs)
-  n = tokens.shape[0]
+  n = keys.shape[0]
   before, after, adapters = jax.lax.map(
-      one, (keys, tokens, masks, items), batch_size=cfg.chunk_size or n)
+      one, (keys, data, items), batch_size=cfg.chunk_size or n)
   return Evaluation(before, after, (after > before).astype(jnp.float32),
                     adapters)
 
@@ -130,15 +158,17 @@ def copy_keys(rng, n: int):
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
 
 
-def evaluate(model: nn.Module, cfg, params, model_state, rng,
-             tokens_NxL, mask_NxL, items) -> Evaluation:
+def evaluate(model: nn.Module, cfg, params, model_state, rng, data: CopyData,
+             items) -> Evaluation:
   """All N isolated copies in one compiled program (vmap, `chunk_size` lanes
-  at a time). `items` arrays are per copy: [N, Q, L]."""
-  n = tokens_NxL.shape[0]
+  at a time). `data` (`dream_copies` for text dreams) and the `items`
+  arrays ([N, Q, L]) are per copy."""
+  n = data.tokens.shape[0]
   items = {k: jnp.asarray(items[k]) for k in ('inputs', 'targets',
                                              'answer_mask')}
-  return _evaluate(model, cfg, params, model_state, copy_keys(rng, n),
-                   jnp.asarray(tokens_NxL), jnp.asarray(mask_NxL), items)
+  data = CopyData(*(jnp.asarray(x) for x in data))
+  return _evaluate(model, cfg, params, model_state, copy_keys(rng, n), data,
+                   items)
 
 
 # ---------------------------------------------------------------- SFT steps ---

@@ -42,8 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import sampling
-from sleep_jax.dream_sft import (colocate, dream_rows, evaluate, rehearse,
-                                 self_replay, sft_loss, train_generator)
+from sleep_jax.data.tasks import arc
+from sleep_jax.eval import encode_items
+from sleep_jax.dream_sft import (CopyData, colocate, dream_copies, dream_rows,
+                                 evaluate, rehearse, self_replay, sft_loss,
+                                 train_generator)
 from sleep_jax.models import lora
 from sleep_jax.models.config import dataclass_from_dict
 from sleep_jax.seeding import join
@@ -150,23 +153,33 @@ class Tasks(NamedTuple):
   contexts / context_lengths: int32 [C, W] the context alone (BOS first),
   used for the selection gradient; items: `eval.encode_items` arrays with a
   context axis, inputs / targets / answer_mask [C, Q, L].
+  to_copy_data: how dreams become their isolated copies' training data,
+  f(dreams [n, N], lengths [n], context_index [n], host_rng) -> CopyData
+  with a leading n (`make_arc_tasks`: a dream is a training strategy);
+  None: a dream is text to learn (`dream_copy_data`).
   """
   prompts: np.ndarray
   prompt_lengths: np.ndarray
   contexts: np.ndarray
   context_lengths: np.ndarray
   items: Mapping[str, np.ndarray]
+  to_copy_data: Callable[..., CopyData] | None = None
 
 
 def render_prompts(tokenizer, contexts: list[str], template: str, width: int):
   """`TEMPLATES[template]` around each context, tokenised with BOS: [C, width]."""
-  rows = [tokenizer.encode(TEMPLATES[template].format(context=c), add_bos=True)
-          for c in contexts]
+  return _padded([tokenizer.encode(TEMPLATES[template].format(context=c),
+                                   add_bos=True) for c in contexts],
+                  width, tokenizer.pad_id, 'a dream prompt')
+
+
+def _padded(rows: list[list[int]], width: int, pad_id: int, what: str):
+  """Right-padded int32 [len(rows), width] and the lengths."""
   longest = max(map(len, rows))
   if longest > width:
-    raise ValueError(f'a dream prompt has {longest} tokens > width {width}; '
-                     'raise the prompt width or shorten the contexts.')
-  tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+    raise ValueError(f'{what} has {longest} tokens > width {width}; raise the '
+                     'width or shorten the contexts.')
+  tokens = np.full((len(rows), width), pad_id, np.int32)
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
   return tokens, np.asarray([len(r) for r in rows], np.int32)
@@ -181,6 +194,52 @@ def make_tasks(tokenizer, contexts: list[str],
   context_rows = render_prompts(tokenizer, contexts, 'continue', width)
   return Tasks(*prompts, *context_rows,
                {k: np.stack([x[k] for x in items]) for k in items[0]})
+
+
+def make_arc_tasks(tasks: list[arc.ArcTask], cfg: DreamingConfig, *,
+                   width: int, prompt_width: int, batch_size: int) -> Tasks:
+  """ARC-style tasks whose dreams are training strategies (SEAL few-shot).
+
+  The prompt is the demonstrations then `arc.STRATEGY_PROMPT`; a dream is
+  parsed by `arc.parse_strategy` (at most `eval_steps` steps). A valid one
+  trains its copy on `batch_size` rows per step drawn from the strategy's
+  leave-one-out data (`arc.leave_one_out`, rows of `width` tokens) at the
+  strategy's learning rate for its number of steps; an invalid one trains
+  nothing, so it cannot be rewarded. tau: the first test output solved.
+  Tokens are `arc.TOKENIZER`'s.
+  """
+  tok = arc.TOKENIZER
+  prompts = _padded([tok.encode(arc.strategy_prompt(t), add_bos=True)
+                     for t in tasks], prompt_width, tok.pad_id, 'an ARC prompt')
+  contexts = _padded([tok.encode(arc.context_text(t.train), add_bos=True)
+                      for t in tasks], prompt_width, tok.pad_id, 'an ARC context')
+  # Teacher-forced exact match of the answer = greedy decoding producing the
+  # whole output grid.
+  items = encode_items(tok, [arc.query(t.train, t.test[0]) for t in tasks],
+                       width)
+
+  def to_copy_data(dreams, lengths, context, host_rng) -> CopyData:
+    n, steps = len(dreams), cfg.eval_steps
+    tokens = np.full((n, steps, batch_size, width), tok.pad_id, np.int32)
+    masks = np.zeros((n, steps, batch_size, width), np.float32)
+    rates = np.full((n,), cfg.eval_learning_rate, np.float32)
+    active = np.zeros((n, steps), bool)
+    for i in range(n):
+      strategy = arc.parse_strategy(tok.decode(dreams[i][:lengths[i]]), steps)
+      if strategy is None:
+        continue
+      rows, row_masks = arc.leave_one_out(tasks[context[i]], strategy, width,
+                                          host_rng)
+      if not len(rows):
+        continue
+      pick = host_rng.integers(0, len(rows), (steps, batch_size))
+      tokens[i], masks[i] = rows[pick], row_masks[pick]
+      rates[i] = strategy.learning_rate
+      active[i, :strategy.steps] = True
+    return CopyData(tokens, masks, rates, active)
+
+  return Tasks(*prompts, *contexts,
+               {k: v[:, None] for k, v in items.items()}, to_copy_data)
 
 
 # --------------------------------------------------------------- generate ---
@@ -261,14 +320,17 @@ def keep(scores_CxM: np.ndarray | None, num_contexts: int, cfg: DreamingConfig,
   return np.asarray(rows, np.int32)
 
 
-def select(model: nn.Module, params, model_state, tasks: Tasks, dreams,
-           dream_lengths, cfg: DreamingConfig, rng, host_rng, *, bos_id: int,
-           pad_id: int):
-  """(kept indices [C*(k+b)], scores [C*m] or None for random selection)."""
+def select(model: nn.Module, params, model_state, tasks: Tasks,
+           data: CopyData, cfg: DreamingConfig, rng, host_rng):
+  """(kept indices [C*(k+b)], scores [C*m] or None for random selection).
+
+  `data` holds every dream's copy data (`copy_data`); a dream's gradient is
+  that of its first training row (for a text dream, BOS + the dream).
+  """
   num_contexts = len(tasks.prompts)
   if cfg.selection == 'random':
     return keep(None, num_contexts, cfg, host_rng).reshape(-1), None
-  tokens, masks = dream_rows(dreams, dream_lengths, bos_id=bos_id, pad_id=pad_id)
+  tokens, masks = data.tokens[:, 0, 0], data.mask[:, 0, 0]
   ctx = jnp.asarray(tasks.contexts)
   ctx_len = jnp.asarray(tasks.context_lengths)
   # The whole context is the data: mask every position that predicts one of
@@ -282,6 +344,17 @@ def select(model: nn.Module, params, model_state, tasks: Tasks, dreams,
   kept = keep(scores.reshape(num_contexts, cfg.num_dreams), num_contexts, cfg,
               host_rng)
   return kept.reshape(-1), scores
+
+
+def copy_data(tasks: Tasks, cfg: DreamingConfig, dreams, lengths, context,
+              host_rng, *, bos_id: int, pad_id: int) -> CopyData:
+  """The isolated copies' training data for `dreams` (numpy, leading n):
+  `tasks.to_copy_data`, or text dreams by default (`dream_sft.dream_copies`
+  of BOS + dream)."""
+  if tasks.to_copy_data is not None:
+    return tasks.to_copy_data(dreams, lengths, context, host_rng)
+  tokens, masks = dream_rows(dreams, lengths, bos_id=bos_id, pad_id=pad_id)
+  return CopyData(*(np.asarray(x) for x in dream_copies(tokens, masks, cfg)))
 
 
 # ---------------------------------------------------------------- the stage ---
@@ -301,8 +374,9 @@ def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
   """Rounds 0..R of generate -> select -> evaluate, with an M-step (SFT of
   the dream LoRA on rewarded pairs) after each of the first R.
 
-  Returns (generator, per-round stats, accepted dreams of every round,
-  deduplicated, as SFT rows {'tokens', 'mask'} [A, 1 + max_new_tokens]).
+  Returns (generator, per-round stats, the rows the rewarded copies of
+  every round trained on, deduplicated: {'tokens', 'mask'} [A, L]; for text
+  dreams, BOS + dream).
   """
   host_rng = host_rng or np.random.default_rng(0)
   if generator is None:
@@ -316,23 +390,25 @@ def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
                                cfg, jax.random.fold_in(key, 0), eos_id=eos_id,
                                pad_id=pad_id)
     dreams, lengths = np.asarray(dreams), np.asarray(lengths)
-    kept, _ = select(model, params, model_state, tasks, dreams, lengths, cfg,
-                     jax.random.fold_in(key, 1), host_rng, bos_id=bos_id,
-                     pad_id=pad_id)
+    data = copy_data(tasks, cfg, dreams, lengths,
+                     np.arange(len(dreams)) // cfg.num_dreams, host_rng,
+                     bos_id=bos_id, pad_id=pad_id)
+    kept, _ = select(model, params, model_state, tasks, data, cfg,
+                     jax.random.fold_in(key, 1), host_rng)
     context = kept // cfg.num_dreams
-    tokens, masks = dream_rows(dreams[kept], lengths[kept], bos_id=bos_id,
-                               pad_id=pad_id)
+    data = CopyData(*(x[kept] for x in data))
     result = evaluate(model, cfg, params, model_state,
-                      jax.random.fold_in(key, 2), tokens, masks,
+                      jax.random.fold_in(key, 2), data,
                       {k: v[context] for k, v in items.items()})
     reward = np.asarray(result.reward) > 0
     stats = {'round': r, 'reward_fraction': float(reward.mean()),
              'tau_before': float(np.mean(result.tau_before)),
              'tau_after': float(np.mean(result.tau_after)),
              'kept': int(len(kept)), 'rewarded': int(reward.sum())}
-    tokens, masks = np.asarray(tokens), np.asarray(masks)
-    for i in np.flatnonzero(reward):
-      accepted.setdefault(tokens[i].tobytes(), (tokens[i], masks[i]))
+    for i in np.flatnonzero(reward):  # the rows its copy trained on
+      for s in np.flatnonzero(data.active[i]):
+        for row, row_mask in zip(data.tokens[i, s], data.mask[i, s]):
+          accepted.setdefault(row.tobytes(), (row, row_mask))
     if r < cfg.rounds and reward.any():
       # Rows for every kept dream (one shape every round), then the winners.
       rows, row_masks = join(tasks.prompts[context],
@@ -344,7 +420,7 @@ def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
     rounds.append(stats)
     if on_round:
       on_round(stats)
-  width = cfg.max_new_tokens + 1
+  width = data.tokens.shape[-1]
   acc = {'tokens': np.zeros((0, width), np.int32),
          'mask': np.zeros((0, width), np.float32)}
   if accepted:

@@ -94,13 +94,13 @@ def test_vmapped_evaluation_matches_a_python_loop(metric):
   tokens, masks = dream_sft.dream_rows(dreams, lengths, bos_id=BOS, pad_id=PAD)
   items = items_about(dreams, lengths, 3, seed=4)
   rng = jax.random.key(5)
-  together = dream_sft.evaluate(model, cfg, params, state, rng, tokens, masks,
-                               items)
-  one = jax.jit(lambda key, t, m, it: dream_sft.isolated_copy(
-      model, cfg, params, state, key, t, m, it))
+  data = dream_sft.dream_copies(tokens, masks, cfg)
+  together = dream_sft.evaluate(model, cfg, params, state, rng, data, items)
+  one = jax.jit(lambda key, d, it: dream_sft.isolated_copy(
+      model, cfg, params, state, key, d, it))
   keys = dream_sft.copy_keys(rng, n)
   for i in range(n):
-    before, after, adapter = one(keys[i], tokens[i], masks[i],
+    before, after, adapter = one(keys[i], jax.tree.map(lambda x: x[i], data),
                                  {k: v[i] for k, v in items.items()})
     np.testing.assert_allclose(together.tau_before[i], before, atol=1e-5)
     np.testing.assert_allclose(together.tau_after[i], after, atol=1e-5)
@@ -113,7 +113,7 @@ def test_vmapped_evaluation_matches_a_python_loop(metric):
     assert np.all(np.asarray(together.tau_after) > np.asarray(together.tau_before))
   # Chunked (4 lanes at a time, 6 copies) is the same program's result.
   chunked = dream_sft.evaluate(model, dataclasses.replace(cfg, chunk_size=4),
-                              params, state, rng, tokens, masks, items)
+                              params, state, rng, data, items)
   np.testing.assert_allclose(chunked.tau_after, together.tau_after, atol=1e-5)
   np.testing.assert_array_equal(chunked.reward, together.reward)
 
@@ -276,10 +276,12 @@ def test_ablation_switches():
   assert off.rounds == [] and off.params is params
   dreams, lengths = dreaming.generate(model, params, state, None, tasks, CFG,
                                       jax.random.key(4), eos_id=EOS, pad_id=PAD)
-  kept, scores = dreaming.select(
-      model, params, state, tasks, np.asarray(dreams), np.asarray(lengths),
-      dataclasses.replace(CFG, selection='random'), jax.random.key(0),
-      np.random.default_rng(0), bos_id=BOS, pad_id=PAD)
+  random_cfg = dataclasses.replace(CFG, selection='random')
+  data = dreaming.copy_data(tasks, random_cfg, np.asarray(dreams),
+                            np.asarray(lengths), np.arange(12) // 4,
+                            np.random.default_rng(0), bos_id=BOS, pad_id=PAD)
+  kept, scores = dreaming.select(model, params, state, tasks, data, random_cfg,
+                                 jax.random.key(0), np.random.default_rng(0))
   assert scores is None and len(set(kept.tolist())) == len(kept) == 6
   for random_expert in (True, False):
     cfg = dataclasses.replace(CFG, random_expert=random_expert)

@@ -225,3 +225,35 @@ class TiktokenTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     specials = set(self.special_tokens.values())
     return self._enc.decode([int(i) for i in ids if int(i) not in specials])
+
+
+class CharTokenizer:
+  """One id per character of a fixed `alphabet` (after pad 0, bos 1, eos 2).
+
+  For grid tasks (ARC), where a learned vocabulary would merge digits of
+  neighbouring cells: every cell is exactly one token.
+  """
+
+  def __init__(self, alphabet: str):
+    if len(set(alphabet)) != len(alphabet):
+      raise ValueError(f'CharTokenizer alphabet {alphabet!r} repeats a '
+                       'character; list each once.')
+    self.alphabet = alphabet
+    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+    self._ids = {c: i + 3 for i, c in enumerate(alphabet)}
+    self.vocab_size = len(alphabet) + 3
+
+  def encode(self, text: str, *, add_bos: bool = False,
+             add_eos: bool = False) -> list[int]:
+    try:
+      ids = [self._ids[c] for c in text]
+    except KeyError as e:
+      raise ValueError(f'character {e.args[0]!r} is not in the CharTokenizer '
+                       f'alphabet {self.alphabet!r}.') from None
+    return ([self.bos_id] if add_bos else []) + ids + (
+        [self.eos_id] if add_eos else [])
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`; specials and ids outside the alphabet are dropped."""
+    return ''.join(self.alphabet[int(i) - 3] for i in ids
+                   if 3 <= int(i) < self.vocab_size)
