@@ -4,7 +4,8 @@ r"""The dreaming study (issue 6): ReST-EM and rehearsal on a toy world.
         --workdir=/tmp/dreaming
 
 Variants: `:ablations` (default, - random expert, - gradient selection,
-- dreaming: 4 runs from one base model), `:smoke` (seconds, CI);
+- dreaming: 4 runs from one base model), `:templates` (the four prompt
+templates, one base model), `:smoke` (seconds, CI);
 comma-separated. Any knob: `--config.dreaming.rounds=2` (every field of
 sleep_jax.dreaming.DreamingConfig is a key). A tiny CMS LM learns a base
 population closed-book and learns to read passages; dreaming then turns 16
@@ -60,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == 'ablations':
       config.runs = [dict(), dict(random_expert=False),
                      dict(selection='random'), dict(enabled=False)]
+    elif variant == 'templates':
+      config.runs = [dict(template=t) for t in
+                     ('continue', 'rewrite', 'implications', 'self_qa')]
     elif variant == 'smoke':
       config.model.update(d_model=32, num_layers=1, d_ff=64)
       config.model.cms_levels = [dict(level, width=32, rank=4)
@@ -75,5 +79,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              lora_rank=2)
     else:
       raise ValueError(f'Unknown variant {variant!r} of dreaming.py; valid: '
-                       '"" (default), "ablations", "smoke" (comma-separated).')
+                       '"" (default), "ablations", "templates", "smoke" '
+                       '(comma-separated).')
   return config
