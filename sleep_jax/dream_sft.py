@@ -1,7 +1,9 @@
 """The SFT programs of dreaming, each one jitted program (DESIGN §5).
 
 * `isolated_copy` / `evaluate`: a fresh LoRA per dream, a few SFT steps on
-  that dream alone, tau before and after; all copies in one vmapped program.
+  that dream's own data (`CopyData`: a text dream's row, or the rows an ARC
+  strategy builds, with the copy's own learning rate and step count), tau
+  before and after; all copies in one vmapped program.
 * `train_generator`: ReST-EM's M-step on the dream generator's LoRA.
 * `rehearse` (+ `self_replay`): the unlocked expert slots learn the accepted
   dreams, anchored to the model before rehearsal on its own samples.
