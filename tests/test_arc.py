@@ -47,12 +47,17 @@ def test_load_reads_the_three_layouts(tmp_path):
                                   tasks['bb']['train'][2]['output'])
     assert loaded['aa'].test[0][0].shape == (3, 3)
   assert list(arc.load(str(bundle), 'eval')) == ['cc']
+  single = arc.load(str(folder / 'aa.json'))
+  assert list(single) == ['aa'] and len(single['aa'].train) == 3
   with pytest.raises(ValueError, match="split="):
     arc.load(str(bundle))
   unsolved = {'dd': {'train': tasks['aa']['train'],
                      'test': [{'input': [[1]]}]}}
   flat.write_text(json.dumps(unsolved))
   with pytest.raises(ValueError, match='dd: test\\[0\\] has no "output"'):
+    arc.load(str(flat))
+  flat.write_text(json.dumps({'ee': {'train': []}}))
+  with pytest.raises(ValueError, match='ARC task ee: expected'):
     arc.load(str(flat))
 
 

