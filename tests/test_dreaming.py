@@ -84,17 +84,23 @@ def make_tasks(num_contexts=3, seed=0):
 # ----------------------------------------------------- isolated evaluation ---
 
 
-@pytest.mark.parametrize('metric', ['answer_logprob', 'accuracy'])
-def test_vmapped_evaluation_matches_a_python_loop(metric):
-  model, params, state, _ = make_model()
-  cfg = dataclasses.replace(CFG, tau=metric, eval_steps=4, eval_learning_rate=0.02)
-  n = 6
+def _text_copies(cfg, n=6):
   raw, raw_len = random_rows(n, 7, seed=3)
   dreams, lengths = raw[:, 1:], raw_len - 1
   tokens, masks = dream_sft.dream_rows(dreams, lengths, bos_id=BOS, pad_id=PAD)
-  items = items_about(dreams, lengths, 3, seed=4)
+  return (dream_sft.dream_copies(tokens, masks, cfg),
+          items_about(dreams, lengths, 3, seed=4))
+
+
+def test_vmapped_evaluation_matches_a_python_loop():
+  """The 'accuracy' tau on a CMS model; tests/test_arc.py checks the same
+  with 'answer_logprob' and per-copy learning rates and step counts."""
+  model, params, state, _ = make_model()
+  cfg = dataclasses.replace(CFG, tau='accuracy', eval_steps=4,
+                            eval_learning_rate=0.02)
+  n = 6
+  data, items = _text_copies(cfg, n)
   rng = jax.random.key(5)
-  data = dream_sft.dream_copies(tokens, masks, cfg)
   together = dream_sft.evaluate(model, cfg, params, state, rng, data, items)
   one = jax.jit(lambda key, d, it: dream_sft.isolated_copy(
       model, cfg, params, state, key, d, it))
@@ -108,15 +114,22 @@ def test_vmapped_evaluation_matches_a_python_loop(metric):
     for x, y in zip(jax.tree.leaves(lora.take(together.adapters, i)),
                     jax.tree.leaves(adapter)):
       np.testing.assert_allclose(x, y, atol=1e-5)
-  if metric == 'answer_logprob':
-    # SFT on a dream raises the log-likelihood of an item that asks for it.
-    assert np.all(np.asarray(together.tau_after) > np.asarray(together.tau_before))
-  else:
-    # Chunked (4 lanes at a time, 6 copies) is the same program's result.
-    chunked = dream_sft.evaluate(model, dataclasses.replace(cfg, chunk_size=4),
-                                params, state, rng, data, items)
-    np.testing.assert_allclose(chunked.tau_after, together.tau_after, atol=1e-5)
-    np.testing.assert_array_equal(chunked.reward, together.reward)
+  # Chunked (4 lanes at a time, 6 copies) is the same program's result.
+  chunked = dream_sft.evaluate(model, dataclasses.replace(cfg, chunk_size=4),
+                              params, state, rng, data, items)
+  np.testing.assert_allclose(chunked.tau_after, together.tau_after, atol=1e-5)
+  np.testing.assert_array_equal(chunked.reward, together.reward)
+
+
+def test_sft_on_a_dream_raises_the_likelihood_of_an_item_about_it():
+  model, params, state, _ = make_model()
+  cfg = dataclasses.replace(CFG, tau='answer_logprob', eval_steps=4,
+                            eval_learning_rate=0.02)
+  data, items = _text_copies(cfg)
+  result = dream_sft.evaluate(model, cfg, params, state, jax.random.key(5),
+                              data, items)
+  assert np.all(np.asarray(result.tau_after) > np.asarray(result.tau_before))
+  np.testing.assert_array_equal(result.reward, 1.0)
 
 
 # ---------------------------------------------------------------- selection ---
