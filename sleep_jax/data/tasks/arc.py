@@ -96,6 +96,11 @@ def _task(task_id: str, raw: Mapping) -> ArcTask:
                  _pairs(raw['test'], task_id, 'test'))
 
 
+def _read(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
 def load(path: str, split: str | None = None) -> dict[str, ArcTask]:
   """ARC tasks by id from `path`:
 
@@ -107,10 +112,9 @@ def load(path: str, split: str | None = None) -> dict[str, ArcTask]:
   A task is `{'train': [{'input', 'output'}], 'test': [...]}`.
   """
   if os.path.isdir(path):
-    return {name[:-5]: _task(name[:-5], json.load(open(os.path.join(path, name))))
+    return {name[:-5]: _task(name[:-5], _read(os.path.join(path, name)))
             for name in sorted(os.listdir(path)) if name.endswith('.json')}
-  with open(path) as f:
-    raw = json.load(f)
+  raw = _read(path)
   if _is_task(raw):
     task_id = os.path.basename(path).removesuffix('.json')
     return {task_id: _task(task_id, raw)}
