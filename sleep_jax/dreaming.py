@@ -91,9 +91,7 @@ class DreamingConfig:
   replay_samples: int = 2048          # BOS samples of the model before sleep
   lora_rank: int = 8
   lora_alpha: float = 16.0
-  lora_targets: tuple[tuple[str, int], ...] = (
-      (r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
-      (r'(up|gate|down)_kernel$', 1))
+  lora_targets: tuple[tuple[str, int], ...] = lora.ALL_KERNELS
 
   def __post_init__(self):
     def need(ok, key, fix):
@@ -140,9 +138,8 @@ class DreamingConfig:
   def from_dict(cls, values: Mapping[str, Any], key: str = 'dreaming'
                 ) -> 'DreamingConfig':
     values = dict(values)
-    if 'lora_targets' in values:  # lists from a config file: make it hashable
-      values['lora_targets'] = tuple((str(p), int(n))
-                                     for p, n in values['lora_targets'])
+    if 'lora_targets' in values:
+      values['lora_targets'] = lora.hashable_targets(values['lora_targets'])
     return dataclass_from_dict(cls, values, key)
 
 
@@ -156,7 +153,7 @@ class Tasks(NamedTuple):
   to_copy_data: how dreams become their isolated copies' training data,
   f(dreams [n, N], lengths [n], context_index [n], host_rng) -> CopyData
   with a leading n (`make_arc_tasks`: a dream is a training strategy);
-  None: a dream is text to learn (`dream_copy_data`).
+  None: a dream is text to learn (`copy_data`: BOS + dream).
   """
   prompts: np.ndarray
   prompt_lengths: np.ndarray

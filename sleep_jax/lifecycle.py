@@ -96,8 +96,7 @@ class BaselineConfig:
   ewc_learning_rate: float = 1e-4
   lora_rank: int = 8
   lora_alpha: float = 16.0
-  lora_targets: tuple = ((r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
-                         (r'(up|gate|down)_kernel$', 1))
+  lora_targets: tuple = lora.ALL_KERNELS
   replay_fraction: float = 0.5
   ewc_weight: float = 100.0
   fisher_rows: int = 64
@@ -119,14 +118,13 @@ class BaselineConfig:
   @property
   def lora(self) -> lora.LoraConfig:
     return lora.LoraConfig(self.lora_rank, self.lora_alpha,
-                           tuple((str(p), int(n)) for p, n in self.lora_targets))
+                           lora.hashable_targets(self.lora_targets))
 
   @classmethod
   def from_dict(cls, values, key: str = 'baselines'):
     values = dict(values)
     if 'lora_targets' in values:
-      values['lora_targets'] = tuple((str(p), int(n))
-                                     for p, n in values['lora_targets'])
+      values['lora_targets'] = lora.hashable_targets(values['lora_targets'])
     return dataclass_from_dict(cls, values, key)
 
 

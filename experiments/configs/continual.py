@@ -31,6 +31,7 @@ README ("The main job"); reproduce one point of it with
 
 import ml_collections
 
+from sleep_jax.models.lora import ALL_KERNELS
 from sleep_jax.sharding import DEFAULT_RULES
 
 ALL_METHODS = ('sleep', 'sleep_no_expansion', 'sleep_no_lti',
@@ -84,14 +85,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rehearse_steps=100, rehearse_batch_size=16,
       rehearse_learning_rate=3e-3, rehearse_replay=2.0, replay_samples=256,
       lora_rank=8, lora_alpha=16.0,
-      lora_targets=[[r'attn/(q|k|v)_kernel$', 1], [r'attn/o_kernel$', 2],
-                    [r'(up|gate|down)_kernel$', 1]]))
+      lora_targets=[list(t) for t in ALL_KERNELS]))
   config.baselines = ml_collections.ConfigDict(dict(
       finetune_learning_rate=1e-4, lora_learning_rate=3e-4,
       replay_learning_rate=3e-3, ewc_learning_rate=1e-4, lora_rank=8,
       lora_alpha=16.0,
-      lora_targets=[[r'attn/(q|k|v)_kernel$', 1], [r'attn/o_kernel$', 2],
-                    [r'(up|gate|down)_kernel$', 1]],
+      lora_targets=[list(t) for t in ALL_KERNELS],
       replay_fraction=0.5, ewc_weight=100.0, fisher_rows=64))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = ml_collections.ConfigDict(dict(

@@ -15,6 +15,7 @@ expert. See README ("Dreaming") for measured numbers and runtimes.
 
 import ml_collections
 
+from sleep_jax.models.lora import ALL_KERNELS
 from sleep_jax.sharding import DEFAULT_RULES
 
 
@@ -50,8 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rehearse_steps=300, rehearse_batch_size=32,
       rehearse_learning_rate=3e-3, rehearse_replay=2.0, replay_samples=2048,
       lora_rank=8, lora_alpha=16.0,
-      lora_targets=[[r'attn/(q|k|v)_kernel$', 1], [r'attn/o_kernel$', 2],
-                    [r'(up|gate|down)_kernel$', 1]]))
+      lora_targets=[list(t) for t in ALL_KERNELS]))
   config.runs = []
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = ml_collections.ConfigDict(dict(

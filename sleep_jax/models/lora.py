@@ -25,6 +25,17 @@ import jax
 import jax.numpy as jnp
 
 
+# Every attention and MLP kernel of the Transformer.
+ALL_KERNELS = ((r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
+               (r'(up|gate|down)_kernel$', 1))
+
+
+def hashable_targets(targets) -> tuple[tuple[str, int], ...]:
+  """`targets` as nested tuples: config files give lists, and configs holding
+  them are static arguments of jitted functions, so they must hash."""
+  return tuple((str(pattern), int(ndim)) for pattern, ndim in targets)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """rank, alpha (scale = alpha / rank) and the targeted kernels.

@@ -230,7 +230,8 @@ def random_strategy(rng: np.random.Generator, max_steps: int) -> Strategy:
   """A valid strategy drawn uniformly (seed text for a base model)."""
   extra = [a for a in AUGMENTATIONS if a != 'identity']
   count = int(rng.integers(0, 4))
-  augs = tuple(sorted(rng.choice(extra, size=count, replace=False)))
+  augs = tuple(sorted(str(a) for a in rng.choice(extra, size=count,
+                                                  replace=False)))
   lr = float(rng.choice([1e-3, 3e-3, 1e-2, 3e-2]))
   return Strategy(augs, lr, int(rng.integers(1, max_steps + 1)),
                   str(rng.choice(LOSSES)))
