@@ -34,3 +34,12 @@ def count_compilations():
 @pytest.fixture
 def compile_counter():
   return count_compilations
+
+
+@pytest.fixture(scope='session')
+def compilation_cache(tmp_path_factory) -> dict[str, str]:
+  """Env vars that give the suite's subprocesses one persistent compilation
+  cache: a command run again (resume after kill -9) loads its programs
+  instead of compiling them, and computes the same numbers."""
+  return {'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}

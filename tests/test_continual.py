@@ -2,9 +2,10 @@
 resume, a corrupted checkpoint, and bad configs failing before compiling.
 
 One uninterrupted smoke run of all ten methods (the CI variant) is the
-reference; a second workdir runs Sleep alone, is killed with SIGKILL during
-a sleep cycle, resumed, then has its newest checkpoint truncated and is run
-again: its per-method results and final params must equal the reference's.
+reference; a second workdir runs Sleep seed 1 alone, is killed with SIGKILL
+during a sleep cycle, resumed, then has its newest checkpoint truncated and
+is run again: its results and final params must equal the reference's seed
+1. The runs share a compilation cache (conftest.compilation_cache).
 """
 
 import json
@@ -26,8 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = '--config=experiments/configs/continual.py:smoke'
 
 
-# As on a user's laptop: one CPU device, not the suite's 8 fake ones.
-ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+@pytest.fixture(scope='module')
+def env(compilation_cache):
+  # As on a user's laptop: one CPU device, not the suite's 8 fake ones.
+  return {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+          **compilation_cache}
 
 
 def _command(workdir, *overrides):
@@ -35,8 +39,8 @@ def _command(workdir, *overrides):
           f'--workdir={workdir}', *overrides]
 
 
-def _run(workdir, *overrides):
-  proc = subprocess.run(_command(workdir, *overrides), cwd=ROOT, env=ENV,
+def _run(env, workdir, *overrides):
+  proc = subprocess.run(_command(workdir, *overrides), cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=400)
   if proc.returncode:
     raise AssertionError(f'exit {proc.returncode}\n{proc.stdout}\n'
@@ -60,9 +64,9 @@ def _final_state(workdir, method, seed, cycle):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, env):
   workdir = str(tmp_path_factory.mktemp('reference'))
-  stdout = _run(workdir)
+  stdout = _run(env, workdir)
   return workdir, stdout
 
 
@@ -110,12 +114,14 @@ def test_smoke_writes_every_output(reference):
   assert 'training the base model' in stdout
 
 
-def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference,
+def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
                                                                 tmp_path):
   ref_dir, _ = reference
   workdir = str(tmp_path / 'killed')
-  methods = '--config.methods=("sleep",)'
-  proc = subprocess.Popen(_command(workdir, methods), cwd=ROOT, env=ENV,
+  # Sleep seed 1 alone: seeds are independent runs, so its numbers and state
+  # must equal seed 1's of the all-method reference.
+  methods = ['--config.methods=("sleep",)', '--config.seeds=(1,)']
+  proc = subprocess.Popen(_command(workdir, *methods), cwd=ROOT, env=env,
                           text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
@@ -132,16 +138,18 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference,
       'sleep' not in json.load(open(os.path.join(workdir, 'results.json')))[
           'methods'])
 
-  stdout = _run(workdir, methods)
+  stdout = _run(env, workdir, *methods)
   assert 'reusing the base model' in stdout
   assert '[sleep seed 1] resuming after cycle 1' in stdout
-  assert '[sleep seed 0] cycle' not in stdout  # finished before the kill
+  assert '[sleep seed 1] cycle 1' not in stdout  # finished before the kill
 
   def check_equal():
     ref = json.load(open(os.path.join(ref_dir, 'results.json')))
     got = json.load(open(os.path.join(workdir, 'results.json')))
-    assert _without_seconds(got['methods']['sleep']) == _without_seconds(
-        ref['methods']['sleep'])
+    [ref_seed] = [r for r in ref['methods']['sleep']['per_seed']
+                  if r['seed'] == 1]
+    assert _without_seconds(got['methods']['sleep']['per_seed']) == [
+        _without_seconds(ref_seed)]
     a = _final_state(ref_dir, 'sleep', 1, 1)
     b = _final_state(workdir, 'sleep', 1, 1)
     for x, y in zip(jax_leaves(a), jax_leaves(b)):
@@ -156,7 +164,7 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference,
       path = os.path.join(folder, name)
       with open(path, 'r+b') as f:
         f.truncate(os.path.getsize(path) // 2)
-  stdout = _run(workdir, methods)
+  stdout = _run(env, workdir, *methods)
   assert f'checkpoint {newest} is unreadable' in stdout
   assert '[sleep seed 1] resuming after cycle 1' in stdout
   assert '[sleep seed 1] cycle 2: sleep' in stdout
@@ -168,7 +176,7 @@ def jax_leaves(tree):
   return jax.tree.leaves(tree)
 
 
-def test_bad_configs_fail_before_compiling(tmp_path, compile_counter):
+def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
   cases = [
       (dict(sleep_alpha=2.0), 'sleep.alpha=2'),
       (dict(chunks=(2, 3)), r'model.cms_levels\[1\].chunk_size=3'),
@@ -197,6 +205,6 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter):
     assert compiled() == 0 and not workdir.exists()
   # The command line fails the same way, naming the key.
   proc = subprocess.run(_command(tmp_path / 'cli', '--config.sleep.alpha=2'),
-                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'sleep.alpha=2' in proc.stderr
   assert 'base model' not in proc.stdout

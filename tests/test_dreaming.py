@@ -1,6 +1,7 @@
 """Dreaming (DESIGN §5): vmapped isolated evaluation, selection, rehearsal."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 from flax import traverse_util
@@ -158,11 +159,18 @@ def test_keep_is_top_k_plus_distinct_random_others():
   assert all(len(set(row)) == 5 for row in kept)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _full_grad(model, params, state, tokens_L, mask_L):
+  """The SFT loss's gradient with respect to every params leaf."""
+  return jax.grad(lambda p: dream_sft.sft_loss(
+      model, p, state, tokens_L[None], mask_L[None]))(params)
+
+
 def flat_adapter_grad_reference(model, params, state, cfg, adapter, tokens, mask):
   """The LoRA gradient from the full kernel gradient: at b = 0, dL/db =
   scale * a^T dL/dW and dL/da = 0 (flattened like dreaming._flat)."""
-  loss = lambda p: dream_sft.sft_loss(model, p, state, tokens[None], mask[None])
-  full = traverse_util.flatten_dict(jax.grad(loss)(params), sep='/')
+  full = traverse_util.flatten_dict(
+      _full_grad(model, params, state, tokens, mask), sep='/')
   parts = []
   for name in sorted(adapter):
     a = np.asarray(adapter[name]['a'], np.float64)

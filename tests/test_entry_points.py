@@ -12,27 +12,29 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, check=True):
+def _run(*args, check=True, env=None):
   proc = subprocess.run([sys.executable, '-m', *args], cwd=ROOT,
+                        env={**os.environ, **(env or {})},
                         capture_output=True, text=True, timeout=300)
   if check and proc.returncode:
     raise AssertionError(f'exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}')
   return proc
 
 
-def test_train_lm_smoke_with_overrides_then_resume(tmp_path):
+def test_train_lm_smoke_with_overrides_then_resume(tmp_path,
+                                                   compilation_cache):
   workdir = str(tmp_path / 'run')
   args = ['experiments.train_lm',
           '--config=experiments/configs/tiny_lm.py:smoke', f'--workdir={workdir}',
           '--config.num_train_steps=4', '--config.data.num_documents=300',
           '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
           '--config.optimizer.warmup_steps=1']
-  first = _run(*args, '--stop_after=2')
+  first = _run(*args, '--stop_after=2', env=compilation_cache)
   assert 'step 2/2' in first.stdout
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
   assert saved['num_train_steps'] == 4 and saved['data']['num_documents'] == 300
-  second = _run(*args)
+  second = _run(*args, env=compilation_cache)
   assert 'resumed from checkpoint step 2' in second.stdout
   assert re.search(r'step 4/4 .*steps/s \| ETA', second.stdout)
   with open(os.path.join(workdir, 'final_metrics.json')) as f:
