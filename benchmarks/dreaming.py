@@ -1,40 +1,45 @@
 r"""Isolated LoRA evaluation of N dreams: one vmapped program vs one at a time.
 
     python -m benchmarks.dreaming [--n=16,64 --repeats=3]
+    python -m benchmarks.dreaming --config=experiments/configs/dreaming.py:smoke
 
 Each dream gets a fresh LoRA, `eval_steps` Adam SFT steps on that dream
 alone, and tau (closed-book recall of its context's items) before and after
-(sleep_jax.dream_sft.isolated_copy), on the dreaming study's model shape
-(experiments/configs/dreaming.py: d_model 96, 3 layers, CMS). Two ways, same
+(sleep_jax.dream_sft.isolated_copy), with the model and dreaming settings of
+--config (default: the dreaming study's, d_model 96, 3 layers, CMS). Two ways, same
 inputs, same keys:
   * vmapped:    `dream_sft.evaluate`, all N copies in one jitted program;
   * sequential: the same per-copy function jitted once and called N times in
                 a Python loop, one copy after another (SEAL's structure).
 Both are compiled before timing (compile time is not counted) and checked to
-give the same rewards. Reports the median of `repeats` runs; the last line is
-exactly `dreaming speedup vmapped/sequential at N=<n>: <ratio>x` for the
-largest N.
+give the same rewards; times are the fastest of `repeats` runs. GFLOP/s is
+XLA's FLOP count of each program over its time (for the loop, the per-copy
+program's count times N), beside the machine's matmul peak measured in the
+same run. The last line is exactly
+`dreaming speedup vmapped/sequential at N=<n>: <ratio>x` for the largest N.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.configs import dreaming as dreaming_config
+from benchmarks import timing
 from sleep_jax import dream_sft
 from sleep_jax import dreaming
 from sleep_jax.models import Transformer, TransformerConfig
 
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'experiments/configs/dreaming.py',
+    'Dreaming config file, optionally with ":variant".', lock_config=True)
 _N = flags.DEFINE_list('n', ['16', '64'], 'Dreams (isolated copies) per call.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats (median).')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats (fastest).')
+_MATMUL = flags.DEFINE_integer('matmul_size', 2048, 'Peak matmul size.')
 _DREAM_TOKENS = flags.DEFINE_integer('dream_tokens', 28, 'Tokens per dream.')
 
 
@@ -51,31 +56,31 @@ def _inputs(n: int, vocab: int, width: int, seed: int = 0):
   return tokens, masks, items
 
 
-def _median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def _compile(fn, *args):
+  """(fn compiled for `args`, its FLOPs per call by XLA's cost analysis: 2
+  per multiply-add)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  return compiled, float((cost[0] if isinstance(cost, list) else cost)['flops'])
 
 
 def main(argv):
   del argv
   print(f'device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform})',
         flush=True)
-  config = dreaming_config.get_config()
+  peak = timing.peak_matmul_flops(_MATMUL.value, jnp.float32)
+  print(f'peak matmul ({_MATMUL.value}^3 float32): {peak / 1e9:.1f} GFLOP/s',
+        flush=True)
+  config = _CONFIG.value
   model = Transformer(TransformerConfig.from_dict(config.model, key='model'))
   variables = dict(nn.meta.unbox(model.init(jax.random.key(0),
                                             jnp.zeros((1, 8), jnp.int32))))
   params = variables.pop('params')
   cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
-  one = jax.jit(lambda key, d, it: dream_sft.isolated_copy(
-      model, cfg, params, variables, key, d, it))
   print(f'per copy: LoRA rank {cfg.lora_rank} on {len(cfg.lora.targets)} '
         f'kernel patterns, {cfg.eval_steps} SFT steps on a '
         f'{_DREAM_TOKENS.value}-token dream, tau on 3 items', flush=True)
-  line = ''
+  line, one, flops_one = '', None, 0.0
   for n in sorted(int(x) for x in _N.value):
     tokens, masks, items = _inputs(n, model.config.vocab_size,
                                    _DREAM_TOKENS.value)
@@ -87,25 +92,30 @@ def main(argv):
     per_copy = [(keys[i], jax.tree.map(lambda x, i=i: x[i], data),
                  {k: jnp.asarray(v[i]) for k, v in items.items()})
                 for i in range(n)]
+    if one is None:  # one shape for every N: compiled once
+      one, flops_one = _compile(
+          lambda p, v, key, d, it: dream_sft.isolated_copy(
+              model, cfg, p, v, key, d, it), params, variables, *per_copy[0])
+    together, flops_vmap = _compile(
+        lambda p, v, d, it: dream_sft.evaluate(model, cfg, p, v, rng, d, it),
+        params, variables, data, items)
+    vmapped = lambda: together(params, variables, data, items).reward
+    sequential = lambda: [one(params, variables, *args)[1]
+                          for args in per_copy]
 
-    def vmapped():
-      return dream_sft.evaluate(model, cfg, params, variables, rng, data,
-                               items).reward
-
-    def sequential():
-      return [one(*args)[1] for args in per_copy]
-
-    together = np.asarray(vmapped())                     # compile + check
+    result = together(params, variables, data, items)
     apart = np.asarray(sequential())
-    before = np.asarray(dream_sft.evaluate(model, cfg, params, variables, rng,
-                                          data, items).tau_before)
-    if not np.array_equal(together, (apart > before).astype(np.float32)):
+    if not np.array_equal(np.asarray(result.reward),
+                          (apart > np.asarray(result.tau_before))
+                          .astype(np.float32)):
       raise RuntimeError('vmapped and sequential rewards differ')
-    t_vmap = _median_seconds(vmapped, _REPEATS.value)
-    t_seq = _median_seconds(sequential, _REPEATS.value)
-    print(f'N={n:3d}: vmapped {t_vmap * 1e3:8.1f} ms, sequential '
-          f'{t_seq * 1e3:8.1f} ms ({n / t_vmap:7.1f} vs {n / t_seq:6.1f} '
-          f'dreams/s)', flush=True)
+    flops_seq = n * flops_one
+    t_vmap = timing.best_seconds(vmapped, _REPEATS.value)
+    t_seq = timing.best_seconds(sequential, _REPEATS.value)
+    print(f'N={n:3d}: vmapped {t_vmap * 1e3:8.1f} ms '
+          f'({flops_vmap / t_vmap / 1e9:5.1f} GFLOP/s), sequential '
+          f'{t_seq * 1e3:8.1f} ms ({flops_seq / t_seq / 1e9:5.1f} GFLOP/s); '
+          f'{n / t_vmap:7.1f} vs {n / t_seq:6.1f} dreams/s', flush=True)
     line = f'dreaming speedup vmapped/sequential at N={n}: {t_seq / t_vmap:.2f}x'
   print(line, flush=True)
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from sleep_jax import sampling, sharding, training
 from sleep_jax.models import Transformer, TransformerConfig
 
@@ -42,24 +43,6 @@ _MATMUL = flags.DEFINE_integer('matmul_size', 2048, 'Peak matmul size.')
 _SAMPLE_BATCH = flags.DEFINE_integer('sample_batch', 8, 'Sampling batch.')
 _PROMPT = flags.DEFINE_integer('prompt_len', 64, 'Sampling prompt length.')
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'Tokens to sample.')
-
-
-def _best_seconds(fn, repeats: int) -> float:
-  fn()  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return min(times)
-
-
-def peak_matmul_flops(n: int, dtype) -> float:
-  """FLOP/s of an n x n x n matmul in `dtype` (the machine's practical peak)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
-  return 2 * n ** 3 / _best_seconds(lambda: matmul(a, b), repeats=5)
 
 
 def train_step_flops(config: TransformerConfig, batch: int, seq_len: int,
@@ -105,7 +88,7 @@ def sampling_tokens_per_second(config: TransformerConfig, batch: int,
     run = lambda: sampling.sample(model, params, prompts, lengths,
                                   max_new_tokens=new_tokens,
                                   rng=jax.random.key(0), use_cache=use_cache)
-    seconds = _best_seconds(lambda: run().tokens, repeats=2)
+    seconds = timing.best_seconds(lambda: run().tokens, repeats=2)
     rates[use_cache] = batch * new_tokens / seconds
   return rates[True], rates[False]
 
@@ -121,7 +104,7 @@ def main(argv):
       d_ff=3 * _D_MODEL.value, dtype=_DTYPE.value, max_len=4096)
   # The peak is measured in the compute dtype, so bfloat16 runs are not
   # compared against a float32 peak.
-  peak = peak_matmul_flops(_MATMUL.value, config.compute_dtype)
+  peak = timing.peak_matmul_flops(_MATMUL.value, config.compute_dtype)
   print(f'peak matmul ({_MATMUL.value}^3 {_DTYPE.value}): {peak / 1e9:.1f} GFLOP/s')
   achieved, seconds = train_step_flops(config, _BATCH.value, _SEQ.value,
                                        _STEPS.value)

@@ -63,6 +63,20 @@ def test_benchmark_prints_mfu_and_sampling_ratio_last():
   assert re.fullmatch(r'sampling speedup cached/recompute: \d+(\.\d+)?x', lines[-1])
 
 
+def test_dreaming_benchmark_prints_both_ways_and_the_ratio_last():
+  proc = _run('benchmarks.dreaming',
+              '--config=experiments/configs/dreaming.py:smoke', '--n=2,3',
+              '--repeats=1', '--matmul_size=256')
+  lines = proc.stdout.strip().splitlines()
+  number = r'\d+(\.\d+)?'
+  for n, line in zip((2, 3), lines[-3:-1]):
+    assert re.fullmatch(rf'N= *{n}: vmapped +{number} ms \( *{number} '
+                        rf'GFLOP/s\), sequential +{number} ms \( *{number} '
+                        rf'GFLOP/s\); +{number} vs +{number} dreams/s', line)
+  assert re.fullmatch(rf'dreaming speedup vmapped/sequential at N=3: {number}x',
+                      lines[-1])
+
+
 def test_cms_recall_smoke_writes_results(tmp_path):
   proc = _run('experiments.cms_recall',
               '--config=experiments/configs/cms_recall.py:smoke',
