@@ -6,8 +6,8 @@ r"""Isolated LoRA evaluation of N dreams: one vmapped program vs one at a time.
 Each dream gets a fresh LoRA, `eval_steps` Adam SFT steps on that dream
 alone, and tau (closed-book recall of its context's items) before and after
 (sleep_jax.dream_sft.isolated_copy), with the model and dreaming settings of
---config (default: the dreaming study's, d_model 96, 3 layers, CMS). Two ways, same
-inputs, same keys:
+--config (default: the dreaming study's, d_model 96, 3 layers, CMS). Two
+ways, same inputs, same keys:
   * vmapped:    `dream_sft.evaluate`, all N copies in one jitted program;
   * sequential: the same per-copy function jitted once and called N times in
                 a Python loop, one copy after another (SEAL's structure).
@@ -116,7 +116,8 @@ def main(argv):
           f'({flops_vmap / t_vmap / 1e9:5.1f} GFLOP/s), sequential '
           f'{t_seq * 1e3:8.1f} ms ({flops_seq / t_seq / 1e9:5.1f} GFLOP/s); '
           f'{n / t_vmap:7.1f} vs {n / t_seq:6.1f} dreams/s', flush=True)
-    line = f'dreaming speedup vmapped/sequential at N={n}: {t_seq / t_vmap:.2f}x'
+    line = (f'dreaming speedup vmapped/sequential at N={n}: '
+            f'{t_seq / t_vmap:.2f}x')
   print(line, flush=True)
 
 

@@ -43,10 +43,10 @@ import numpy as np
 
 from sleep_jax import sampling
 from sleep_jax.data.tasks import arc
-from sleep_jax.eval import encode_items
 from sleep_jax.dream_sft import (CopyData, colocate, dream_copies, dream_rows,
                                  evaluate, rehearse, self_replay, sft_loss,
                                  train_generator)
+from sleep_jax.eval import encode_items
 from sleep_jax.models import lora
 from sleep_jax.models.config import dataclass_from_dict
 from sleep_jax.seeding import join

