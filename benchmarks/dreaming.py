@@ -39,7 +39,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     'Dreaming config file, optionally with ":variant".', lock_config=True)
 _N = flags.DEFINE_list('n', ['16', '64'], 'Dreams (isolated copies) per call.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats (fastest).')
-_MATMUL = flags.DEFINE_integer('matmul_size', 2048, 'Peak matmul size.')
+_MATMUL = flags.DEFINE_integer(
+    'matmul_size', 0, 'Peak matmul size (0: 2048 on CPUs, 8192 on '
+    'accelerators).')
 _DREAM_TOKENS = flags.DEFINE_integer('dream_tokens', 28, 'Tokens per dream.')
 
 
@@ -66,10 +68,10 @@ def _compile(fn, *args):
 
 def main(argv):
   del argv
-  print(f'device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform})',
-        flush=True)
-  peak = timing.peak_matmul_flops(_MATMUL.value, jnp.float32)
-  print(f'peak matmul ({_MATMUL.value}^3 float32): {peak / 1e9:.1f} GFLOP/s',
+  print(timing.device_line(), flush=True)
+  size = timing.peak_matmul_size(_MATMUL.value)
+  peak = timing.peak_matmul_flops(size, jnp.float32)
+  print(f'peak matmul ({size}^3 float32): {peak / 1e9:.1f} GFLOP/s',
         flush=True)
   config = _CONFIG.value
   model = Transformer(TransformerConfig.from_dict(config.model, key='model'))

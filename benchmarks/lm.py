@@ -39,7 +39,9 @@ _BATCH = flags.DEFINE_integer('batch', 32, 'Train batch size.')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'Train sequence length.')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps.')
-_MATMUL = flags.DEFINE_integer('matmul_size', 2048, 'Peak matmul size.')
+_MATMUL = flags.DEFINE_integer(
+    'matmul_size', 0, 'Peak matmul size (0: 2048 on CPUs, 8192 on '
+    'accelerators).')
 _SAMPLE_BATCH = flags.DEFINE_integer('sample_batch', 8, 'Sampling batch.')
 _PROMPT = flags.DEFINE_integer('prompt_len', 64, 'Sampling prompt length.')
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'Tokens to sample.')
@@ -96,16 +98,16 @@ def sampling_tokens_per_second(config: TransformerConfig, batch: int,
 def main(argv):
   del argv
   sharding.maybe_initialize_distributed()
-  device = jax.devices()[0]
-  print(f'device: {device.platform} {device.device_kind} x{jax.device_count()}')
+  print(timing.device_line())
   config = TransformerConfig(
       vocab_size=_VOCAB.value, d_model=_D_MODEL.value, num_layers=_LAYERS.value,
       num_heads=_D_MODEL.value // 64, num_kv_heads=_D_MODEL.value // 64,
       d_ff=3 * _D_MODEL.value, dtype=_DTYPE.value, max_len=4096)
   # The peak is measured in the compute dtype, so bfloat16 runs are not
   # compared against a float32 peak.
-  peak = timing.peak_matmul_flops(_MATMUL.value, config.compute_dtype)
-  print(f'peak matmul ({_MATMUL.value}^3 {_DTYPE.value}): {peak / 1e9:.1f} GFLOP/s')
+  size = timing.peak_matmul_size(_MATMUL.value)
+  peak = timing.peak_matmul_flops(size, config.compute_dtype)
+  print(f'peak matmul ({size}^3 {_DTYPE.value}): {peak / 1e9:.1f} GFLOP/s')
   achieved, seconds = train_step_flops(config, _BATCH.value, _SEQ.value,
                                        _STEPS.value)
   tokens = _BATCH.value * _SEQ.value

@@ -5,6 +5,10 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The float32 tolerances of the suite assume full-precision matmuls: GPUs give
+# them only at 'highest' (their default is TF32-class); CPUs always do.
+if os.environ['JAX_PLATFORMS'] != 'cpu':
+  os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 
 import contextlib  # noqa: E402
 

@@ -59,6 +59,8 @@ def test_benchmark_prints_mfu_and_sampling_ratio_last():
               '--matmul_size=256', '--sample_batch=2', '--prompt_len=4',
               '--new_tokens=8')
   lines = proc.stdout.strip().splitlines()
+  assert re.fullmatch(r'device: cpu .* x\d+, matmul precision: default',
+                      lines[0])
   assert re.fullmatch(r'MFU: \d+(\.\d+)?%', lines[-2])
   assert re.fullmatch(r'sampling speedup cached/recompute: \d+(\.\d+)?x', lines[-1])
 
@@ -69,6 +71,8 @@ def test_dreaming_benchmark_prints_both_ways_and_the_ratio_last():
               '--repeats=1', '--matmul_size=256')
   lines = proc.stdout.strip().splitlines()
   number = r'\d+(\.\d+)?'
+  assert re.fullmatch(r'device: cpu .* x\d+, matmul precision: default',
+                      lines[0])
   for n, line in zip((2, 3), lines[-3:-1]):
     assert re.fullmatch(rf'N= *{n}: vmapped +{number} ms \( *{number} '
                         rf'GFLOP/s\), sequential +{number} ms \( *{number} '
