@@ -34,7 +34,7 @@ from sleep_jax.models import cms
 from sleep_jax.models import lora
 from sleep_jax.models.layers import LORA_COLLECTION
 from sleep_jax.models.transformer import variables
-from sleep_jax.seeding import completion_logprobs, join
+from sleep_jax.sequences import completion_logprobs, join
 from sleep_jax.wake import level_params, with_level_params
 
 
@@ -50,7 +50,7 @@ def _variables(params, model_state, adapter, cfg=None):
 
 def sft_loss(model: nn.Module, params, model_state, tokens_BxL, mask_BxL,
              adapter=None, cfg=None):
-  """Mean next-token NLL at the positions `mask` marks (seeding.join's), of
+  """Mean next-token NLL at the positions `mask` marks (sequences.join's), of
   the model with an optional LoRA `adapter` (cfg.lora's)."""
   logits = model.apply(_variables(params, model_state, adapter, cfg),
                        tokens_BxL)
@@ -89,7 +89,7 @@ def dream_rows(dreams_BxN, lengths_B, *, bos_id: int, pad_id: int):
 class CopyData(NamedTuple):
   """What each isolated copy trains on (leading copy axis N when batched).
 
-  tokens / mask: [S, B, L] SFT rows per step (mask: seeding.join's);
+  tokens / mask: [S, B, L] SFT rows per step (mask: sequences.join's);
   learning_rate: [] Adam's rate; active: bool [S], steps past a copy's own
   step count leave its LoRA and optimiser state untouched.
   """

@@ -49,7 +49,7 @@ from sleep_jax.dream_sft import (CopyData, colocate, dream_copies, dream_rows,
 from sleep_jax.eval import encode_items
 from sleep_jax.models import lora
 from sleep_jax.models.config import dataclass_from_dict
-from sleep_jax.seeding import join
+from sleep_jax.sequences import join
 
 # Prompt templates for text tasks; '{context}' is replaced by the passage.
 TEMPLATES = {

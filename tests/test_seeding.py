@@ -12,6 +12,7 @@ import pytest
 from sleep_jax import growth
 from sleep_jax import rewards
 from sleep_jax import seeding
+from sleep_jax import sequences
 from sleep_jax import sharding
 from sleep_jax.models import Transformer, TransformerConfig
 
@@ -97,8 +98,8 @@ def test_jsd_symmetry_zero_and_masking(logits):
 def test_join_places_completion_after_prompt_and_masks_its_logits():
   prompt = jnp.array([[5, 6, 7, 0], [5, 0, 0, 0]])
   completion = jnp.array([[8, 9, 0], [3, 4, 2]])
-  tokens, mask = seeding.join(prompt, jnp.array([3, 1]), completion,
-                              jnp.array([2, 3]))
+  tokens, mask = sequences.join(prompt, jnp.array([3, 1]), completion,
+                                jnp.array([2, 3]))
   np.testing.assert_array_equal(tokens, [[5, 6, 7, 8, 9, 0, 0],
                                          [5, 3, 4, 2, 0, 0, 0]])
   # logits at t predict token t + 1: positions 2, 3 predict 8, 9.
