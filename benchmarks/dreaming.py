@@ -13,9 +13,9 @@ ways, same inputs, same keys:
                 a Python loop, one copy after another (SEAL's structure).
 Both are compiled before timing (compile time is not counted) and checked to
 give the same rewards; times are the fastest of `repeats` runs. GFLOP/s is
-XLA's FLOP count of each program over its time (for the loop, the per-copy
-program's count times N), beside the machine's matmul peak measured in the
-same run. The last line is exactly
+N times one copy's FLOPs (XLA's count of tau, twice, and of one SFT step,
+`eval_steps` times) over each way's time, beside the machine's matmul peak
+measured in the same run. The last line is exactly
 `dreaming speedup vmapped/sequential at N=<n>: <ratio>x` for the largest N.
 """
 
@@ -28,10 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks import timing
 from sleep_jax import dream_sft
 from sleep_jax import dreaming
+from sleep_jax.models import lora
 from sleep_jax.models import Transformer, TransformerConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -59,11 +61,31 @@ def _inputs(n: int, vocab: int, width: int, seed: int = 0):
 
 
 def _compile(fn, *args):
-  """(fn compiled for `args`, its FLOPs per call by XLA's cost analysis: 2
-  per multiply-add)."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
-  return compiled, float((cost[0] if isinstance(cost, list) else cost)['flops'])
+  return jax.jit(fn).lower(*args).compile()
+
+
+def _flops(fn, *args) -> float:
+  """FLOPs of one call of fn by XLA's cost analysis (2 per multiply-add). A
+  loop body counts once, whatever its trip count."""
+  cost = _compile(fn, *args).cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)['flops'])
+
+
+def _copy_flops(model, cfg, params, variables, key, data, items) -> float:
+  """FLOPs of one isolated copy: tau twice plus `eval_steps` SFT steps, each
+  counted by XLA apart (the copy's own program is a scan over its steps, and
+  XLA would count one)."""
+  adapter = lora.init(params, cfg.lora, key)
+  carry = (adapter, optax.adam(data.learning_rate).init(adapter))
+  tau = _flops(
+      lambda p, v, a, it: dream_sft.tau(model, p, v, it, cfg.tau, a, cfg),
+      params, variables, adapter, items)
+  step = _flops(
+      lambda p, v, c, b: dream_sft.copy_sft_step(model, cfg, p, v,
+                                                 data.learning_rate, c, b),
+      params, variables, carry,
+      (data.tokens[0], data.mask[0], data.active[0]))
+  return 2 * tau + data.tokens.shape[0] * step
 
 
 def main(argv):
@@ -95,10 +117,11 @@ def main(argv):
                  {k: jnp.asarray(v[i]) for k, v in items.items()})
                 for i in range(n)]
     if one is None:  # one shape for every N: compiled once
-      one, flops_one = _compile(
+      one = _compile(
           lambda p, v, key, d, it: dream_sft.isolated_copy(
               model, cfg, p, v, key, d, it), params, variables, *per_copy[0])
-    together, flops_vmap = _compile(
+      flops_one = _copy_flops(model, cfg, params, variables, *per_copy[0])
+    together = _compile(
         lambda p, v, d, it: dream_sft.evaluate(model, cfg, p, v, rng, d, it),
         params, variables, data, items)
     vmapped = lambda: together(params, variables, data, items).reward
@@ -111,12 +134,12 @@ def main(argv):
                           (apart > np.asarray(result.tau_before))
                           .astype(np.float32)):
       raise RuntimeError('vmapped and sequential rewards differ')
-    flops_seq = n * flops_one
+    flops = n * flops_one  # the same arithmetic either way
     t_vmap = timing.best_seconds(vmapped, _REPEATS.value)
     t_seq = timing.best_seconds(sequential, _REPEATS.value)
     print(f'N={n:3d}: vmapped {t_vmap * 1e3:8.1f} ms '
-          f'({flops_vmap / t_vmap / 1e9:5.1f} GFLOP/s), sequential '
-          f'{t_seq * 1e3:8.1f} ms ({flops_seq / t_seq / 1e9:5.1f} GFLOP/s); '
+          f'({flops / t_vmap / 1e9:5.1f} GFLOP/s), sequential '
+          f'{t_seq * 1e3:8.1f} ms ({flops / t_seq / 1e9:5.1f} GFLOP/s); '
           f'{n / t_vmap:7.1f} vs {n / t_seq:6.1f} dreams/s', flush=True)
     line = (f'dreaming speedup vmapped/sequential at N={n}: '
             f'{t_seq / t_vmap:.2f}x')

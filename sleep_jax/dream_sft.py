@@ -119,6 +119,21 @@ class Evaluation(NamedTuple):
   adapters: Any          # the N trained LoRAs (leading copy axis)
 
 
+def copy_sft_step(model: nn.Module, cfg, params, model_state, learning_rate,
+                  carry, batch):
+  """One Adam step of an isolated copy's LoRA on `batch` = (tokens [B, L],
+  mask [B, L], active []): carry = (adapter, Adam state) -> (new carry,
+  None); an inactive step returns `carry` unchanged."""
+  tokens_BxL, mask_BxL, active = batch
+  adapter, opt_state = carry
+  grads = jax.grad(lambda a: sft_loss(model, params, model_state, tokens_BxL,
+                                      mask_BxL, a, cfg))(adapter)
+  updates, new_opt_state = optax.adam(learning_rate).update(
+      grads, opt_state, adapter)
+  new = (optax.apply_updates(adapter, updates), new_opt_state)
+  return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), None
+
+
 def isolated_copy(model: nn.Module, cfg, params, model_state, key,
                   data: CopyData, items):
   """One dream's isolated evaluation: (tau before, tau after, trained LoRA).
@@ -127,21 +142,13 @@ def isolated_copy(model: nn.Module, cfg, params, model_state, key,
   copy's, no leading axis).
   """
   adapter = lora.init(params, cfg.lora, key)
-  tx = optax.adam(data.learning_rate)
   copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
-
-  def step(carry, batch):
-    tokens_BxL, mask_BxL, active = batch
-    a, opt_state = carry
-    grads = jax.grad(lambda a: sft_loss(model, params, model_state, tokens_BxL,
-                                        mask_BxL, a, cfg))(a)
-    updates, new_opt_state = tx.update(grads, opt_state, a)
-    new = (optax.apply_updates(a, updates), new_opt_state)
-    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), None
-
+  step = functools.partial(copy_sft_step, model, cfg, params, model_state,
+                           data.learning_rate)
   before = copy_tau(adapter)
-  (adapter, _), _ = jax.lax.scan(step, (adapter, tx.init(adapter)),
-                                 (data.tokens, data.mask, data.active))
+  (adapter, _), _ = jax.lax.scan(
+      step, (adapter, optax.adam(data.learning_rate).init(adapter)),
+      (data.tokens, data.mask, data.active))
   return before, copy_tau(adapter), adapter
 
 

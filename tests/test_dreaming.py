@@ -9,6 +9,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sleep_jax import dream_sft
@@ -120,6 +121,39 @@ def test_vmapped_evaluation_matches_a_python_loop():
                               params, state, rng, data, items)
   np.testing.assert_allclose(chunked.tau_after, together.tau_after, atol=1e-5)
   np.testing.assert_array_equal(chunked.reward, together.reward)
+
+
+def test_benchmark_flops_count_every_sft_step():
+  """benchmarks.dreaming's FLOPs per copy against XLA's count of the same
+  copy written without a loop (tau, each step in Python, tau): XLA counts a
+  loop body once, so the scanned program's own count would miss steps."""
+  from benchmarks import dreaming as benchmark
+  model, params, state, _ = make_model()
+  cfg = dataclasses.replace(CFG, eval_steps=4)
+  data, items = _text_copies(cfg, 1)
+  data = jax.tree.map(lambda x: x[0], data)
+  items = {k: jnp.asarray(v[0]) for k, v in items.items()}
+  key = jax.random.key(0)
+
+  def straight_line(params):
+    adapter = lora.init(params, cfg.lora, key)
+    carry = (adapter, optax.adam(data.learning_rate).init(adapter))
+    out = [dream_sft.tau(model, params, state, items, cfg.tau, adapter, cfg)]
+    for s in range(cfg.eval_steps):
+      carry, _ = dream_sft.copy_sft_step(
+          model, cfg, params, state, data.learning_rate, carry,
+          (data.tokens[s], data.mask[s], data.active[s]))
+    out.append(dream_sft.tau(model, params, state, items, cfg.tau, carry[0],
+                             cfg))
+    return out
+
+  reference = benchmark._flops(straight_line, params)
+  scanned = benchmark._flops(
+      lambda p: dream_sft.isolated_copy(model, cfg, p, state, key, data,
+                                        items), params)
+  counted = benchmark._copy_flops(model, cfg, params, state, key, data, items)
+  np.testing.assert_allclose(counted, reference, rtol=0.03)
+  assert scanned < 0.6 * reference  # what the benchmark must not report
 
 
 def test_sft_on_a_dream_raises_the_likelihood_of_an_item_about_it():

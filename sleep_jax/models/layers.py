@@ -45,9 +45,13 @@ def lora_delta(module: nn.Module, kernel_name: str, x, input_ndim: int,
     return 0.0
   adapter = module.get_variable(LORA_COLLECTION, kernel_name)
   lead = x.shape[:x.ndim - input_ndim]
-  flat = x.reshape(lead + (-1,))
-  h = flat @ adapter['a'].astype(x.dtype)
-  return (h @ adapter['b'].astype(x.dtype)).reshape(lead + tuple(out_shape))
+  # One 2-D [tokens, in] matrix: with the batch and length axes kept apart,
+  # XLA:CPU turns the adapter gradients' contractions over them into strided
+  # transposed copies of fused elementwise work (an SFT step of one LoRA on
+  # 64 rows of 29 tokens: 122 ms, against 67 ms flattened).
+  x_TxI = x.reshape(math.prod(lead), -1)
+  h_TxR = x_TxI @ adapter['a'].astype(x.dtype)
+  return (h_TxR @ adapter['b'].astype(x.dtype)).reshape(lead + tuple(out_shape))
 
 
 class RMSNorm(nn.Module):
