@@ -152,7 +152,9 @@ def test_benchmark_flops_count_every_sft_step():
       lambda p: dream_sft.isolated_copy(model, cfg, p, state, key, data,
                                         items), params)
   counted = benchmark._copy_flops(model, cfg, params, state, key, data, items)
-  np.testing.assert_allclose(counted, reference, rtol=0.03)
+  # Fusion moves XLA's count of elementwise work by a few percent (5% on an
+  # H100); one step missed would be 16%.
+  np.testing.assert_allclose(counted, reference, rtol=0.1)
   assert scanned < 0.6 * reference  # what the benchmark must not report
 
 
