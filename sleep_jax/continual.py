@@ -265,18 +265,11 @@ def _per_seed(seed: int, records: list[dict]) -> dict:
                      for r in records]}
 
 
-def _write_json(path: str, value) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
-
-
 def run(config, workdir: str, log=print) -> dict[str, Any]:
   parsed = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   config_dict = config.to_dict()
-  _write_json(os.path.join(workdir, 'config.json'), config_dict)
+  metrics_lib.write_json(os.path.join(workdir, 'config.json'), config_dict)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(parsed['model'])
@@ -336,7 +329,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       log(f'[{name}] final ACC {entry["final_acc"]:.3f} ± '
           f'{entry["final_acc_std"]:.3f}, BWT {entry["bwt"]:+.3f} ± '
           f'{entry["bwt_std"]:.3f} over seeds {parsed["seeds"]}')
-      _write_json(os.path.join(workdir, 'results.json'), results)
+      metrics_lib.write_json(os.path.join(workdir, 'results.json'), results)
   finally:
     writer.close()
   report.write_report(results, workdir)

@@ -145,7 +145,7 @@ def isolated_copy(model: nn.Module, cfg, params, model_state, key,
   copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
   step = functools.partial(copy_sft_step, model, cfg, params, model_state,
                            data.learning_rate)
-  before = copy_tau(adapter)
+  before = copy_tau(None)
   (adapter, _), _ = jax.lax.scan(
       step, (adapter, optax.adam(data.learning_rate).init(adapter)),
       (data.tokens, data.mask, data.active))

@@ -111,6 +111,8 @@ class DreamingConfig:
          f'plus keep_random={self.keep_random} must be <= num_dreams='
          f'{self.num_dreams}')
     need(self.temperature >= 0, 'temperature', 'must be >= 0 (0 = greedy)')
+    need(isinstance(self.top_k, int) and self.top_k >= 0, 'top_k',
+         'must be an integer >= 0 (0 = no top-k filter)')
     need(self.rehearse_replay >= 0, 'rehearse_replay', 'must be >= 0 (0 = off)')
     need(isinstance(self.replay_samples, int) and self.replay_samples >= 1,
          'replay_samples', 'must be an integer >= 1')
@@ -300,33 +302,67 @@ def gradient_scores(model: nn.Module, cfg: DreamingConfig, params, model_state,
 
 
 def keep(scores_CxM: np.ndarray | None, num_contexts: int, cfg: DreamingConfig,
-         rng: np.random.Generator) -> np.ndarray:
+         rng: np.random.Generator,
+         duplicate_CxM: np.ndarray | None = None) -> np.ndarray:
   """Indices [C, k+b] into the C*m dreams: per context the top `keep_top` by
-  score, then `keep_random` distinct others uniformly; all random when
-  `scores_CxM` is None. No dream is kept twice."""
+  score, then `keep_random` others uniformly; all random when `scores_CxM` is
+  None. No dream is kept twice. A dream marked in `duplicate_CxM` (the same
+  text as an earlier dream of its context) is kept only when its context has
+  fewer than k+b distinct dreams: greedy sampling without random experts
+  repeats itself, and a repeat teaches nothing new."""
   m, k, b = cfg.num_dreams, cfg.keep_top, cfg.keep_random
   rows = []
   for c in range(num_contexts):
+    dup = (np.zeros(m, bool) if duplicate_CxM is None
+           else np.asarray(duplicate_CxM[c], bool))
     if scores_CxM is None:
-      chosen = rng.choice(m, size=k + b, replace=False)
+      chosen = _draw(rng, np.arange(m), dup, k + b)
     else:
       order = np.argsort(-np.asarray(scores_CxM[c]), kind='stable')
-      rest = rng.choice(order[k:], size=b, replace=False)
-      chosen = np.concatenate([order[:k], rest])
+      order = np.concatenate([order[~dup[order]], order[dup[order]]])
+      chosen = np.concatenate([order[:k], _draw(rng, order[k:], dup, b)])
     rows.append(c * m + chosen)
   return np.asarray(rows, np.int32)
 
 
+def _draw(rng: np.random.Generator, candidates: np.ndarray, dup: np.ndarray,
+          n: int) -> np.ndarray:
+  """n distinct `candidates` uniformly, non-duplicates first: the duplicates
+  only fill what the others cannot."""
+  fresh, repeats = candidates[~dup[candidates]], candidates[dup[candidates]]
+  if len(fresh) >= n:
+    return rng.choice(fresh, size=n, replace=False)
+  return np.concatenate([fresh, rng.choice(repeats, size=n - len(fresh),
+                                           replace=False)])
+
+
+def duplicates(dreams: np.ndarray, lengths: np.ndarray,
+               num_dreams: int) -> np.ndarray:
+  """Bool [C, m]: dream j of a context is the same text as one of its
+  dreams 0..j-1."""
+  rows = [dreams[i, :lengths[i]].tobytes() for i in range(len(dreams))]
+  out = np.zeros(len(rows), bool)
+  for start in range(0, len(rows), num_dreams):
+    seen = set()
+    for i in range(start, start + num_dreams):
+      out[i] = rows[i] in seen
+      seen.add(rows[i])
+  return out.reshape(-1, num_dreams)
+
+
 def select(model: nn.Module, params, model_state, tasks: Tasks,
-           data: CopyData, cfg: DreamingConfig, rng, host_rng):
+           data: CopyData, cfg: DreamingConfig, rng, host_rng,
+           duplicate_CxM: np.ndarray | None = None):
   """(kept indices [C*(k+b)], scores [C*m] or None for random selection).
 
   `data` holds every dream's copy data (`copy_data`); a dream's gradient is
   that of its first training row (for a text dream, BOS + the dream).
+  `duplicate_CxM` (`duplicates`) marks repeated dreams, kept last (`keep`).
   """
   num_contexts = len(tasks.prompts)
   if cfg.selection == 'random':
-    return keep(None, num_contexts, cfg, host_rng).reshape(-1), None
+    return keep(None, num_contexts, cfg, host_rng,
+                duplicate_CxM).reshape(-1), None
   tokens, masks = data.tokens[:, 0, 0], data.mask[:, 0, 0]
   ctx = jnp.asarray(tasks.contexts)
   ctx_len = jnp.asarray(tasks.context_lengths)
@@ -339,7 +375,7 @@ def select(model: nn.Module, params, model_state, tasks: Tasks,
                            ctx, ctx_masks, index)
   scores = np.asarray(scores)
   kept = keep(scores.reshape(num_contexts, cfg.num_dreams), num_contexts, cfg,
-              host_rng)
+              host_rng, duplicate_CxM)
   return kept.reshape(-1), scores
 
 
@@ -362,6 +398,7 @@ class Dreaming(NamedTuple):
   generator: Any              # the dream LoRA after ReST-EM
   rounds: list[dict]          # per E-step: reward fraction, tau, ...
   accepted: dict              # rewarded dreams as SFT rows: tokens, mask
+                              # [A, L] (A = 0 when none, or dreaming is off)
 
 
 def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
@@ -391,7 +428,8 @@ def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
                      np.arange(len(dreams)) // cfg.num_dreams, host_rng,
                      bos_id=bos_id, pad_id=pad_id)
     kept, _ = select(model, params, model_state, tasks, data, cfg,
-                     jax.random.fold_in(key, 1), host_rng)
+                     jax.random.fold_in(key, 1), host_rng,
+                     duplicates(dreams, lengths, cfg.num_dreams))
     context = kept // cfg.num_dreams
     data = CopyData(*(x[kept] for x in data))
     result = evaluate(model, cfg, params, model_state,
@@ -434,7 +472,9 @@ def dream(model: nn.Module, cfg: DreamingConfig, params, model_state,
   unlocked in this sleep on every accepted dream. `cfg.enabled=False`
   returns the params unchanged."""
   if not cfg.enabled:
-    return Dreaming(params, generator, [], {})
+    return Dreaming(params, generator, [], {
+        'tokens': np.zeros((0, 0), np.int32),
+        'mask': np.zeros((0, 0), np.float32)})
   host_rng = np.random.default_rng(seed)
   generator, rounds, accepted = rest_em(
       model, cfg, params, model_state, tasks, rng, bos_id=bos_id,

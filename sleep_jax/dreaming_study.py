@@ -17,14 +17,15 @@
    and after, and the fraction of rewarded dreams per ReST-EM round.
 
 Each entry of `config.runs` (dreaming.* overrides, e.g. the ablations) starts
-from the same base model. Writes results.json and prints a table.
+from the same base model. results.json (rewritten after each run, so a crash
+keeps the runs already done) holds per run the rounds, recall and examples
+of accepted dreams; a line per run is printed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -36,6 +37,7 @@ from sleep_jax import dreaming
 from sleep_jax import eval as eval_lib
 from sleep_jax import fact_world
 from sleep_jax import growth
+from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
 from sleep_jax.data.tasks import facts
 from sleep_jax.models import Transformer, TransformerConfig
@@ -65,8 +67,18 @@ def validate_config(config):
       raise ValueError(f'stream.{key}={config.stream[key]} must be >= 1.')
   base = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
   runs = [with_overrides(base, overrides, f'runs[{i}]')
-          for i, overrides in enumerate(config.runs)]
-  return model_config, runs or [base]
+          for i, overrides in enumerate(config.runs)] or [base]
+  for i, cfg in enumerate(runs):
+    where = f'dreaming (runs[{i}])' if config.runs else 'dreaming'
+    if cfg.top_k > model_config.vocab_size:
+      raise ValueError(f'{where}.top_k={cfg.top_k} exceeds model.vocab_size='
+                       f'{model_config.vocab_size}; use 0 for no top-k filter.')
+    if int(config.prompt_width) + cfg.max_new_tokens > model_config.max_len:
+      raise ValueError(
+          f'prompt_width={config.prompt_width} + {where}.max_new_tokens='
+          f'{cfg.max_new_tokens} exceeds model.max_len={model_config.max_len}'
+          ': lower one of them or raise model.max_len.')
+  return model_config, runs
 
 
 def make_tasks(world: fact_world.FactWorld, people, cfg: dreaming.DreamingConfig,
@@ -91,6 +103,13 @@ def run(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   world = fact_world.build(config)
   session = world.sessions[0]
+  # Every run's prompts before the base model trains: a prompt_width too
+  # small for a template fails now, not minutes later.
+  try:
+    run_tasks = [make_tasks(world, session, cfg, int(config.prompt_width),
+                            config.seed) for cfg in runs]
+  except ValueError as e:
+    raise ValueError(f'prompt_width={config.prompt_width}: {e}') from None
   evals = {'new': world.recall(session), 'base': world.recall(world.base)}
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
@@ -114,15 +133,15 @@ def run(config, workdir: str) -> dict[str, Any]:
                                           jax.random.key(config.seed + 1))
   recall = lambda p: {k: eval_lib.recall_accuracy(model, p, model_state, v)
                       for k, v in evals.items()}
-  results = {'before': recall(params), 'chance': 1.0 / 12, 'runs': []}
+  results = {'before': recall(params), 'chance': 1.0 / 12, 'runs': [],
+             'config': config.to_dict()}
+  results_path = os.path.join(workdir, 'results.json')
   print(f"before dreaming: new {results['before']['new']:.3f}, base "
         f"{results['before']['base']:.3f}", flush=True)
   base_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
   tok = world.tokenizer
-  for cfg in runs:
+  for cfg, tasks in zip(runs, run_tasks):
     label = _label(cfg, base_cfg)
-    tasks = make_tasks(world, session, cfg, int(config.prompt_width),
-                       config.seed)
     t0 = time.perf_counter()
     on_round = functools.partial(_print_round, label)
     out = dreaming.dream(model, cfg, params, model_state, tasks,
@@ -134,22 +153,21 @@ def run(config, workdir: str) -> dict[str, Any]:
              'rounds': out.rounds, 'recall': after,
              'new_gain': after['new'] - results['before']['new'],
              'base_change': after['base'] - results['before']['base'],
-             'accepted': len(out.accepted.get('tokens', [])),
+             'accepted': len(out.accepted['tokens']),
              'accepted_examples': [
                  tok.decode([int(t) for t, m in zip(row[1:], mask[:-1]) if m])
-                 for row, mask in zip(out.accepted.get('tokens', [])[:8],
-                                      out.accepted.get('mask', [])[:8])],
+                 for row, mask in zip(out.accepted['tokens'][:8],
+                                      out.accepted['mask'][:8])],
              'seconds': time.perf_counter() - t0}
     results['runs'].append(entry)
+    results['seconds'] = time.perf_counter() - t_start
+    metrics_lib.write_json(results_path, results)  # a later crash keeps it
     fractions = ' -> '.join(f"{r['reward_fraction']:.2f}" for r in out.rounds)
     print(f"[{label}] rewarded dreams per round {fractions or '-'}; new "
           f"{after['new']:.3f} ({100 * entry['new_gain']:+.1f} pts), base "
           f"{after['base']:.3f} ({100 * entry['base_change']:+.1f} pts), "
           f"{entry['seconds']:.0f}s", flush=True)
-  results['seconds'] = time.perf_counter() - t_start
-  results['config'] = config.to_dict()
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  print(f'wrote {results_path}', flush=True)
   return results
 
 

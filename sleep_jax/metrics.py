@@ -1,4 +1,5 @@
-"""Run metrics: `metrics.jsonl` + TensorBoard events, and progress lines."""
+"""Run metrics: `metrics.jsonl` + TensorBoard events, progress lines, and
+result files written whole or not at all."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ from typing import Mapping
 
 import jax
 import numpy as np
+
+
+def write_json(path: str, value) -> None:
+  """Writes `value` as JSON to `path` through a temporary file, so a crash
+  mid-write leaves the previous version whole."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
 
 
 class MetricWriter:

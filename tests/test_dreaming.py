@@ -191,6 +191,68 @@ def test_keep_is_top_k_plus_distinct_random_others():
   assert all(len(set(row)) == 5 for row in kept)
 
 
+def test_repeated_dreams_are_kept_only_when_too_few_are_distinct():
+  dreams = np.array([[5, 6, 7], [5, 6, 9], [5, 6, 7], [8, 8, 8],    # context 0
+                     [4, 4, 4], [4, 4, 4], [4, 4, 4], [3, 4, 5]])   # context 1
+  lengths = np.array([3, 2, 3, 3, 3, 3, 2, 3])  # dream 1 = [5, 6] = dream 0's prefix
+  dup = dreaming.duplicates(dreams, lengths, 4)
+  np.testing.assert_array_equal(
+      dup, [[False, False, True, False], [False, True, False, False]])
+  cfg = dataclasses.replace(CFG, num_dreams=4, keep_top=1, keep_random=2)
+  rng = np.random.default_rng(0)
+  # Dream 2 of context 0 repeats dream 0 and has the best score: passed over.
+  scores = np.array([[0.5, 0.1, 0.9, 0.2], [0.3, 0.9, 0.8, 0.1]])
+  for _ in range(20):
+    kept = dreaming.keep(scores, 2, cfg, rng, dup)
+    assert kept[0, 0] == 0 and set(kept[0]) == {0, 1, 3}
+    # Context 1 has 3 distinct texts (4 4 4 twice, 4 4, 3 4 5): all kept.
+    assert kept[1, 0] == 4 + 2 and set(kept[1]) == {4, 6, 7}
+    rand = dreaming.keep(None, 2, dataclasses.replace(cfg, selection='random'),
+                         rng, dup)
+    assert set(rand[0]) == {0, 1, 3} and set(rand[1]) == {4, 6, 7}
+  # Fewer distinct dreams than k+b: repeats fill the rest, never twice.
+  cfg4 = dataclasses.replace(cfg, keep_top=2, keep_random=2)
+  kept = dreaming.keep(scores, 2, cfg4, rng, dup)
+  assert [sorted(row) for row in kept] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_select_keeps_the_dream_that_moves_the_model_like_its_context():
+  """Each context has one dream that is its own text (cosine 1 with the
+  context's gradient) and one that is the other context's text; selection
+  must pair dreams with their own context and keep the highest score."""
+  model, params, state, _ = make_model()
+  ctx, ctx_len = random_rows(2, 10, seed=11)
+  ctx_len[:] = 10
+  ctx[:, 1:] = np.random.default_rng(12).integers(3, V, (2, 9))
+  noise, noise_len = random_rows(8, 10, seed=13)
+  dreams, lengths = noise[:, 1:].copy(), noise_len - 1
+  own = {1: 0, 4: 1}     # global dream index -> the context it copies
+  other = {3: 1, 6: 0}   # copies of the *other* context
+  for i, c in {**own, **other}.items():
+    dreams[i], lengths[i] = ctx[c, 1:], ctx_len[c] - 1
+  tasks = dreaming.Tasks(ctx, ctx_len, ctx, ctx_len,
+                         items_about(ctx[:, 1:], ctx_len - 1, 2, seed=0))
+  cfg = dataclasses.replace(CFG, num_dreams=4, keep_top=1, keep_random=1)
+  data = dreaming.copy_data(tasks, cfg, dreams, lengths, np.arange(8) // 4,
+                            np.random.default_rng(0), bos_id=BOS, pad_id=PAD)
+  kept, scores = dreaming.select(model, params, state, tasks, data, cfg,
+                                 jax.random.key(0), np.random.default_rng(0))
+  np.testing.assert_allclose(scores[[1, 4]], 1.0, atol=1e-5)
+  assert np.all(scores[[0, 2, 3]] < 0.999) and np.all(scores[[5, 6, 7]] < 0.999)
+  assert kept[0] == 1 and kept[2] == 4, kept
+  assert len(set(kept.tolist())) == 4 and set(kept[:2]) <= {0, 1, 2, 3}
+  # A repeat of the best dream is passed over for the next best.
+  dreams[2], lengths[2] = dreams[1], lengths[1]
+  data = dreaming.copy_data(tasks, cfg, dreams, lengths, np.arange(8) // 4,
+                            np.random.default_rng(0), bos_id=BOS, pad_id=PAD)
+  top2 = dataclasses.replace(cfg, keep_top=2, keep_random=0)
+  kept, scores = dreaming.select(model, params, state, tasks, data, top2,
+                                 jax.random.key(0), np.random.default_rng(0),
+                                 dreaming.duplicates(dreams, lengths, 4))
+  assert scores[2] == scores[1]
+  assert kept[0] == 1 and kept[1] == np.argmax(scores[[0, 3]]) * 3, kept
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _full_grad(model, params, state, tokens_L, mask_L):
   """The SFT loss's gradient with respect to every params leaf."""
@@ -258,10 +320,15 @@ def test_selection_never_forms_full_model_gradients():
       lambda *a: dreaming.gradient_scores.__wrapped__(model, CFG, *a))(*args)
   head_grad = lambda s: len(s) >= 2 and s[-2:] == (D, V)
   assert not any(map(head_grad, _shapes(jaxpr.jaxpr)))
-  # The detector works: a full-params gradient does form the head's gradient.
+  # Nor any adapted kernel's: only its LoRA factors get gradients.
+  kernels = {shape for shape, _ in lora.targets(params, CFG.lora).values()}
+  kernel_sized = lambda s: any(s[-len(k):] == k for k in kernels)
+  assert not any(map(kernel_sized, _shapes(jaxpr.jaxpr)))
+  # The detectors work: a full-params gradient forms both.
   full = jax.make_jaxpr(jax.grad(lambda p: dream_sft.sft_loss(
       model, p, state, tokens, masks)))(params)
   assert any(map(head_grad, _shapes(full.jaxpr)))
+  assert any(map(kernel_sized, _shapes(full.jaxpr)))
 
 
 # ----------------------------------------------------- rehearsal, the stage ---
@@ -328,6 +395,7 @@ def test_ablation_switches():
   off = run_stage(model, params, state, slot, tasks,
                   dataclasses.replace(CFG, enabled=False))
   assert off.rounds == [] and off.params is params
+  assert len(off.accepted['tokens']) == len(off.accepted['mask']) == 0
   dreams, lengths = dreaming.generate(model, params, state, None, tasks, CFG,
                                       jax.random.key(4), eos_id=EOS, pad_id=PAD)
   random_cfg = dataclasses.replace(CFG, selection='random')
@@ -347,6 +415,31 @@ def test_ablation_switches():
         rng=jax.random.key(4), temperature=1.0, eos_id=EOS, pad_id=PAD,
         model_state=state, random_expert=random_expert)
     np.testing.assert_array_equal(got[0], want.tokens)
+
+
+def test_random_expert_injection_changes_the_dreams():
+  """Three trained experts in level 0 (top-1 routing): greedy dreams differ
+  with the switch on; with the experts at zero (the base model's) they
+  cannot."""
+  model, params, state, _ = make_model()
+  state = {'cms': {**state['cms'],
+                   'level_0': jnp.array([True, True, True, False])}}
+  rng = np.random.default_rng(0)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  flat = {k: (jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype)
+              if 'level_0/lowrank' in k or 'level_0/router' in k else v)
+          for k, v in flat.items()}
+  trained = traverse_util.unflatten_dict(flat, sep='/')
+  tasks = make_tasks(num_contexts=4)
+  greedy = dataclasses.replace(CFG, temperature=0.0, max_new_tokens=8)
+
+  def dreams(p, random_expert):
+    cfg = dataclasses.replace(greedy, random_expert=random_expert)
+    return np.asarray(dreaming.generate(model, p, state, None, tasks, cfg,
+                                        jax.random.key(4), eos_id=EOS,
+                                        pad_id=PAD)[0])
+  assert not np.array_equal(dreams(trained, True), dreams(trained, False))
+  np.testing.assert_array_equal(dreams(params, True), dreams(params, False))
 
 
 @pytest.mark.parametrize('overrides, message', [
