@@ -13,8 +13,8 @@ ways, same inputs, same keys:
                 a Python loop, one copy after another (SEAL's structure).
 Both are compiled before timing (compile time is not counted) and checked to
 give the same rewards; times are the fastest of `repeats` runs. GFLOP/s is
-N times one copy's FLOPs (XLA's count of tau, twice, and of one SFT step,
-`eval_steps` times) over each way's time, beside the machine's matmul peak
+N times one copy's FLOPs (XLA's count of tau before and after, and of one
+SFT step, `eval_steps` times) over each way's time, beside the machine's matmul peak
 measured in the same run. The last line is exactly
 `dreaming speedup vmapped/sequential at N=<n>: <ratio>x` for the largest N.
 """
@@ -72,12 +72,15 @@ def _flops(fn, *args) -> float:
 
 
 def _copy_flops(model, cfg, params, variables, key, data, items) -> float:
-  """FLOPs of one isolated copy: tau twice plus `eval_steps` SFT steps, each
-  counted by XLA apart (the copy's own program is a scan over its steps, and
-  XLA would count one)."""
+  """FLOPs of one isolated copy: tau before (base model) and after (with the
+  LoRA) plus `eval_steps` SFT steps, each counted by XLA apart (the copy's
+  own program is a scan over its steps, and XLA would count one)."""
   adapter = lora.init(params, cfg.lora, key)
   carry = (adapter, optax.adam(data.learning_rate).init(adapter))
-  tau = _flops(
+  tau_before = _flops(
+      lambda p, v, it: dream_sft.tau(model, p, v, it, cfg.tau),
+      params, variables, items)
+  tau_after = _flops(
       lambda p, v, a, it: dream_sft.tau(model, p, v, it, cfg.tau, a, cfg),
       params, variables, adapter, items)
   step = _flops(
@@ -85,7 +88,7 @@ def _copy_flops(model, cfg, params, variables, key, data, items) -> float:
                                                  data.learning_rate, c, b),
       params, variables, carry,
       (data.tokens[0], data.mask[0], data.active[0]))
-  return 2 * tau + data.tokens.shape[0] * step
+  return tau_before + tau_after + data.tokens.shape[0] * step
 
 
 def main(argv):

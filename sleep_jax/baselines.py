@@ -49,7 +49,8 @@ def draw_batches(rows: dict, steps: int, batch_size: int,
 def _loss(model, params, model_state, batch, adapter=None, lora_cfg=None):
   tree = variables(params, model_state)
   if adapter is not None:
-    tree = {**tree, LORA_COLLECTION: lora.as_collection(adapter, lora_cfg)}
+    tree = {**tree,
+            LORA_COLLECTION: lora.as_collection(params, adapter, lora_cfg)}
   logits = model.apply(tree, batch['inputs'])
   return next_token_loss(logits, batch['targets'], batch['mask'])[0]
 

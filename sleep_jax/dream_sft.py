@@ -44,7 +44,8 @@ from sleep_jax.wake import level_params, with_level_params
 def _variables(params, model_state, adapter, cfg=None):
   out = variables(params, model_state)
   if adapter is not None:
-    out = {**out, LORA_COLLECTION: lora.as_collection(adapter, cfg.lora)}
+    out = {**out,
+           LORA_COLLECTION: lora.as_collection(params, adapter, cfg.lora)}
   return out
 
 
@@ -145,6 +146,7 @@ def isolated_copy(model: nn.Module, cfg, params, model_state, key,
   copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
   step = functools.partial(copy_sft_step, model, cfg, params, model_state,
                            data.learning_rate)
+  # b = 0: the fresh copy is the base model, so tau before needs no LoRA.
   before = copy_tau(None)
   (adapter, _), _ = jax.lax.scan(
       step, (adapter, optax.adam(data.learning_rate).init(adapter)),
@@ -223,8 +225,11 @@ def train_generator(model, cfg, params, model_state, generator,
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _rehearse(model, cfg, level, params, model_state, slots_E, batches):
-  tx = optax.adam(cfg.rehearse_learning_rate)
   trainable = level_params(growth.expert_mask(params, level, slots_E), level)
+  # Adam state only for the expert leaves: the level's dense expert (the
+  # backbone MLP of a pretrained model) never trains here.
+  tx = growth.masked_optimizer(optax.adam(cfg.rehearse_learning_rate),
+                               trainable)
   teacher = variables(params, model_state)  # the model before rehearsal
 
   def loss_fn(tree, batch):
@@ -258,6 +263,8 @@ def rehearse(model: nn.Module, cfg, params, model_state,
   sleep): every other parameter stays bit-identical. With `replay` rows
   ({'tokens', 'mask'}), each step adds `rehearse_replay` * KL(model before
   || model) on a batch of them. Returns (params, the per-step losses)."""
+  if cfg.rehearse_steps == 0:
+    return params, np.zeros((0,), np.float32)
   slots_E = np.zeros(model_state[cms.CMS_COLLECTION][cms.level_name(level)]
                      .shape, bool)
   slots_E[list(slots)] = True

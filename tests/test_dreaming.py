@@ -18,6 +18,7 @@ from sleep_jax import growth
 from sleep_jax import sampling
 from sleep_jax.models import Transformer, TransformerConfig
 from sleep_jax.models import lora
+from sleep_jax.sequences import join
 
 BOS, EOS, PAD = 1, 2, 0
 V, D = 37, 32
@@ -123,9 +124,34 @@ def test_vmapped_evaluation_matches_a_python_loop():
   np.testing.assert_array_equal(chunked.reward, together.reward)
 
 
+def test_inactive_steps_train_nothing():
+  """A copy with steps [on, on, on, off] ends where the same copy with only
+  its first three steps does (ARC strategies have fewer steps than the
+  scan)."""
+  model, params, state, _ = make_model()
+  cfg = dataclasses.replace(CFG, eval_steps=4, eval_learning_rate=0.05)
+  data, items = _text_copies(cfg, 1)
+  data = jax.tree.map(lambda x: np.asarray(x[0]), data)
+  items = {k: jnp.asarray(v[0]) for k, v in items.items()}
+  four = data._replace(active=np.array([True, True, True, False]))
+  three = dream_sft.CopyData(data.tokens[:3], data.mask[:3],
+                             data.learning_rate, data.active[:3])
+  run = lambda d: dream_sft.isolated_copy(model, cfg, params, state,
+                                          jax.random.key(3), d, items)
+  (_, after4, ad4), (_, after3, ad3) = run(four), run(three)
+  np.testing.assert_allclose(after4, after3, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(ad4), jax.tree.leaves(ad3)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+  # The fourth step, when on, does move the adapter.
+  _, _, ad_all = run(data)
+  assert not all(np.allclose(x, y, atol=1e-6) for x, y in
+                 zip(jax.tree.leaves(ad_all), jax.tree.leaves(ad3)))
+
+
 def test_benchmark_flops_count_every_sft_step():
   """benchmarks.dreaming's FLOPs per copy against XLA's count of the same
-  copy written without a loop (tau, each step in Python, tau): XLA counts a
+  copy written without a loop (tau of the base model, each step in Python,
+  tau with the trained LoRA): XLA counts a
   loop body once, so the scanned program's own count would miss steps."""
   from benchmarks import dreaming as benchmark
   model, params, state, _ = make_model()
@@ -138,7 +164,7 @@ def test_benchmark_flops_count_every_sft_step():
   def straight_line(params):
     adapter = lora.init(params, cfg.lora, key)
     carry = (adapter, optax.adam(data.learning_rate).init(adapter))
-    out = [dream_sft.tau(model, params, state, items, cfg.tau, adapter, cfg)]
+    out = [dream_sft.tau(model, params, state, items, cfg.tau)]
     for s in range(cfg.eval_steps):
       carry, _ = dream_sft.copy_sft_step(
           model, cfg, params, state, data.learning_rate, carry,
@@ -366,6 +392,46 @@ def test_rehearsal_trains_only_the_unlocked_slot(with_replay):
     else:
       np.testing.assert_array_equal(new, old, err_msg=path)
   assert changed and all(changed)
+
+
+def test_rehearsal_of_zero_steps_returns_the_params():
+  model, params, state, slot = make_model()
+  tokens, lengths = random_rows(3, 8, seed=2)
+  rows, mask = dream_sft.dream_rows(tokens[:, 1:], lengths - 1, bos_id=BOS,
+                                   pad_id=PAD)
+  after, losses = dream_sft.rehearse(
+      model, dataclasses.replace(CFG, rehearse_steps=0), params, state,
+      np.asarray(rows), np.asarray(mask), level=1, slots=[slot],
+      host_rng=np.random.default_rng(0))
+  assert after is params and losses.shape == (0,)
+
+
+def test_rest_em_m_step_trains_the_generator_that_generate_uses():
+  """The M-step on (prompt, dream) rows makes that dream likelier under the
+  dream LoRA, and greedy dreaming with the LoRA then produces it."""
+  model, params, state, _ = make_model()
+  tasks = make_tasks(num_contexts=3, seed=5)
+  cfg = dataclasses.replace(CFG, temperature=0.0, max_new_tokens=6,
+                            rest_steps=40, rest_batch_size=3,
+                            rest_learning_rate=0.01, lora_rank=4)
+  targets = np.tile(np.arange(5, 11, dtype=np.int32), (3, 1))  # one dream
+  rows, masks = join(tasks.prompts, tasks.prompt_lengths, targets,
+                     np.full(3, 6, np.int32), pad_id=PAD)
+  rows, masks = np.asarray(rows), np.asarray(masks)
+  # The loss covers the dream tokens only.
+  np.testing.assert_array_equal(masks.sum(1), 6)
+  fresh = lora.init(params, cfg.lora, jax.random.key(2))
+  trained, last_loss = dream_sft.train_generator(
+      model, cfg, params, state, fresh, rows, masks, np.random.default_rng(0))
+  loss = lambda g: float(dream_sft.sft_loss(model, params, state, rows, masks,
+                                            g, cfg))
+  assert loss(trained) < 0.25 * loss(fresh) and np.isfinite(last_loss)
+
+  def agreement(generator):
+    dreams, _ = dreaming.generate(model, params, state, generator, tasks, cfg,
+                                  jax.random.key(0), eos_id=EOS, pad_id=PAD)
+    return np.mean(np.asarray(dreams)[::cfg.num_dreams] == targets)
+  assert agreement(trained) == 1.0 and agreement(None) < 0.5
 
 
 def run_stage(model, params, state, slot, tasks, cfg=CFG, seed=0):

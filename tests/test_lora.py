@@ -114,10 +114,35 @@ def test_unmerged_collection_equals_merging():
   tokens = jnp.asarray([[1, 5, 7, 9, 3], [2, 4, 6, 8, 10]])
   merged = model.apply({'params': lora.merge(params, adapter, cfg)}, tokens)
   unmerged = model.apply({'params': params,
-                          'lora': lora.as_collection(adapter, cfg)}, tokens)
+                          'lora': lora.as_collection(params, adapter, cfg)}, tokens)
   plain = model.apply({'params': params}, tokens)
   np.testing.assert_allclose(unmerged, merged, rtol=1e-4, atol=1e-4)
   assert not np.allclose(unmerged, plain, atol=1e-3)
   wrong = lora.LoraConfig(rank=3, targets=((r'attn/o_kernel$', 1),))
   with pytest.raises(ValueError, match='input_ndim=2'):
-    lora.as_collection(lora.init(params, wrong, jax.random.key(0)), wrong)
+    lora.as_collection(params, lora.init(params, wrong, jax.random.key(0)),
+                       wrong)
+
+
+def test_misused_adapters_fail_with_the_fix_named():
+  model, params = make_params()
+  adapter = lora.init(params, CFG, jax.random.key(0))
+  # An adapter of another model: the Transformer would skip the kernels.
+  cms_model = Transformer(TransformerConfig.from_dict(dict(
+      vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+      d_ff=48, max_len=32, mlp='cms', cms_levels=[dict(
+          chunk_size=0, width=48, num_experts=2, rank=4, top_k=1,
+          learning_rate=0.0)])))
+  cms_params = nn.meta.unbox(cms_model.init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))['params']
+  for apply in (lora.merge, lora.as_collection):
+    with pytest.raises(ValueError, match=r"mlp/up_kernel'\] are not in params"):
+      apply(cms_params, adapter, CFG)
+    with pytest.raises(ValueError, match='leading copy axis'):
+      apply(params, lora.init(params, CFG, jax.random.key(0), copies=3), CFG)
+    with pytest.raises(ValueError, match='matches none of lora.targets'):
+      apply(params, adapter, lora.LoraConfig(rank=3, targets=(('q_kernel', 1),)))
+  with pytest.raises(ValueError, match='regex string'):
+    lora.LoraConfig(targets=((3, 1),))
+  listed = lora.LoraConfig(targets=[['attn/q_kernel$', 1]])
+  assert listed.targets == (('attn/q_kernel$', 1),) and hash(listed)

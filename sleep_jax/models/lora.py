@@ -7,12 +7,12 @@ with input_ndim=1: in=D, out=H*Dh). `merge` returns the params with each
 targeted kernel replaced by `W + (alpha / rank) * reshape(a @ b)`; nothing
 else changes, and `b` starts at zero so a fresh adapter is the identity.
 
-Two ways to apply an adapter, with the same result: `merge` (any kernel;
-one merged copy of each adapted kernel) and `as_collection`, the model's
+Two ways to apply one copy's adapter, with the same result: `merge` (any
+kernel; one merged copy of each adapted kernel) and `as_collection`, the model's
 'lora' variable collection: the Transformer adds (x @ a) @ b next to x @ W.
 The second is the one to vmap over copies (`init(..., copies=N)` gives every
 leaf a leading copy axis): all copies share each base matmul, and gradients
-exist only for a and b, never for a kernel (DESIGN §5.3).
+exist only for a and b, never for a kernel (DESIGN §5, step 3).
 """
 
 from __future__ import annotations
@@ -58,13 +58,16 @@ class LoraConfig:
                        "e.g. (('attn/(q|v)_kernel$', 1),).")
     for target in self.targets:
       if (not isinstance(target, (tuple, list)) or len(target) != 2
+          or not isinstance(target[0], str)
           or not isinstance(target[1], int) or target[1] < 1):
         raise ValueError(f'lora.targets entry {target!r} must be '
-                         '(regex, input_ndim >= 1).')
+                         '(regex string, input_ndim >= 1).')
       try:
         re.compile(target[0])
       except re.error as e:
         raise ValueError(f'lora.targets regex {target[0]!r}: {e}') from None
+    # Configs are static arguments of jitted functions: lists would not hash.
+    object.__setattr__(self, 'targets', hashable_targets(self.targets))
 
   @property
   def scale(self) -> float:
@@ -109,42 +112,74 @@ def init(params, cfg: LoraConfig, rng, copies: int | None = None):
   return adapter
 
 
+def _check(params, adapter, cfg: LoraConfig) -> dict[str, int]:
+  """{kernel: input_ndim} of one copy's `adapter`, after checking that every
+  kernel is in `params`, is one of cfg.targets, and has factors of its shape
+  (a copy axis is a mistake here: take one copy, or vmap over copies)."""
+  kernels = {path_name(p): leaf.shape
+             for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  unknown = sorted(set(adapter) - set(kernels))
+  if unknown:
+    raise ValueError(f'adapter kernels {unknown} are not in params; an '
+                     'adapter belongs to the model it was initialised on.')
+  out = {}
+  for name, factors in adapter.items():
+    input_ndim = next((n for p, n in cfg.targets if re.search(p, name)), None)
+    if input_ndim is None:
+      raise ValueError(f'adapter kernel {name} matches none of lora.targets '
+                       f'{[p for p, _ in cfg.targets]}: use the LoraConfig '
+                       'the adapter was initialised with.')
+    shape = kernels[name]
+    want = {'a': (math.prod(shape[:input_ndim]), cfg.rank),
+            'b': (cfg.rank, math.prod(shape[input_ndim:]))}
+    for factor, expected in want.items():
+      got = tuple(factors[factor].shape)
+      if got != expected:
+        hint = (' (a leading copy axis: apply one copy, lora.take(adapter, i),'
+                ' or vmap over copies)' if got[1:] == expected else '')
+        raise ValueError(f'adapter {name}/{factor} has shape {got}, expected '
+                         f'{expected} for kernel {shape}, rank {cfg.rank}'
+                         f'{hint}.')
+    out[name] = input_ndim
+  return out
+
+
 def merge(params, adapter, cfg: LoraConfig):
   """params with `W + scale * a @ b` at each adapted kernel (one copy)."""
+  _check(params, adapter, cfg)
+
   def leaf(path, w):
     name = path_name(path)
     if name not in adapter:
       return w
     delta = adapter[name]['a'] @ adapter[name]['b']
     return w + (cfg.scale * delta).reshape(w.shape).astype(w.dtype)
-  unknown = set(adapter) - {path_name(p) for p, _ in
-                            jax.tree_util.tree_leaves_with_path(params)}
-  if unknown:
-    raise ValueError(f'adapter kernels {sorted(unknown)} are not in params.')
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def as_collection(adapter, cfg: LoraConfig) -> dict:
-  """The adapter as the model's 'lora' variable collection (scale folded
-  into b): `model.apply({'params': p, 'lora': as_collection(ad, cfg)}, x)`
-  equals `model.apply({'params': merge(p, ad, cfg)}, x)` without forming any
-  merged kernel. Only the kernels the Transformer's layers adapt this way
-  (attention q/k/v/o, MLP gate/up/down) are allowed; use `merge` for others.
+def as_collection(params, adapter, cfg: LoraConfig) -> dict:
+  """One copy's adapter as the model's 'lora' variable collection (scale
+  folded into b): `model.apply({'params': p, 'lora': as_collection(p, ad,
+  cfg)}, x)` equals `model.apply({'params': merge(p, ad, cfg)}, x)` without
+  forming any merged kernel. Only the kernels the Transformer's layers adapt
+  this way (attention q/k/v/o, MLP gate/up/down) are allowed; use `merge`
+  for others. `params` is only read for the check that every adapted kernel
+  exists (the model would silently skip one that does not).
   """
   tree = {}
-  for name, factors in adapter.items():
+  for name, input_ndim in _check(params, adapter, cfg).items():
     *scopes, kernel = name.split('/')
     if kernel not in _UNMERGED_KERNELS:
       raise ValueError(f'{name}: only {sorted(_UNMERGED_KERNELS)} can be '
                        'adapted without merging; use lora.merge for it.')
-    input_ndim = next(n for p, n in cfg.targets if re.search(p, name))
     if input_ndim != _UNMERGED_KERNELS[kernel]:
       raise ValueError(f'{name} takes input_ndim={_UNMERGED_KERNELS[kernel]} '
                        f'in the Transformer, not {input_ndim}: fix lora.targets.')
     node = tree
     for scope in scopes:
       node = node.setdefault(scope, {})
-    node[kernel] = {'a': factors['a'], 'b': cfg.scale * factors['b']}
+    node[kernel] = {'a': adapter[name]['a'],
+                    'b': cfg.scale * adapter[name]['b']}
   return tree
 
 
