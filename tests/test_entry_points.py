@@ -142,3 +142,24 @@ def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
               check=False)
   assert proc.returncode != 0 and 'dreaming.keep_top=9' in proc.stderr
   assert 'base step' not in proc.stdout
+  # Prompts are rendered before the base model trains.
+  proc = _run('experiments.dreaming',
+              '--config=experiments/configs/dreaming.py:smoke',
+              '--config.prompt_width=8', '--workdir=/tmp/unused', check=False)
+  assert proc.returncode != 0 and 'prompt_width=8: a dream prompt' in proc.stderr
+  assert 'base step' not in proc.stdout
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(prompt_width=150), r'prompt_width=150 \+ dreaming.max_new_tokens=28 '
+                             'exceeds model.max_len=160'),
+    (dict(runs=[dict(), dict(top_k=600)]),
+     r'dreaming \(runs\[1\]\).top_k=600 exceeds model.vocab_size=512'),
+])
+def test_dreaming_study_config_checks(overrides, message):
+  from experiments.configs import dreaming as dreaming_config
+  from sleep_jax import dreaming_study
+  config = dreaming_config.get_config()
+  config.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    dreaming_study.validate_config(config)
