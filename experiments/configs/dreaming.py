@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tau='accuracy', eval_steps=4, eval_learning_rate=1e-2, chunk_size=0,
       rounds=3, rest_steps=30, rest_batch_size=8, rest_learning_rate=3e-3,
       rehearse_steps=300, rehearse_batch_size=32,
-      rehearse_learning_rate=3e-3, rehearse_replay=2.0, replay_samples=2048,
+      rehearse_learning_rate=3e-3, rehearse_replay=8.0, replay_samples=2048,
       lora_rank=8, lora_alpha=16.0,
       lora_targets=[list(t) for t in ALL_KERNELS]))
   config.runs = []
