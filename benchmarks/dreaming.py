@@ -14,8 +14,8 @@ ways, same inputs, same keys:
 Both are compiled before timing (compile time is not counted) and checked to
 give the same rewards; times are the fastest of `repeats` runs. GFLOP/s is
 N times one copy's FLOPs (XLA's count of tau before and after, and of one
-SFT step, `eval_steps` times) over each way's time, beside the machine's matmul peak
-measured in the same run. The last line is exactly
+SFT step, `eval_steps` times) over each way's time, beside the machine's
+matmul peak measured in the same run. The last line is exactly
 `dreaming speedup vmapped/sequential at N=<n>: <ratio>x` for the largest N.
 """
 

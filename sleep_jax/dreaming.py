@@ -131,7 +131,7 @@ class DreamingConfig:
   def lora(self) -> lora.LoraConfig:
     try:
       return lora.LoraConfig(self.lora_rank, self.lora_alpha,
-                             tuple(map(tuple, self.lora_targets)))
+                             self.lora_targets)
     except ValueError as e:
       raise ValueError(f'dreaming: {e}'.replace('lora.', 'dreaming.lora_')
                        ) from None

@@ -149,8 +149,8 @@ def test_inactive_steps_train_nothing():
 def test_benchmark_flops_count_every_sft_step():
   """benchmarks.dreaming's FLOPs per copy against XLA's count of the same
   copy written without a loop (tau of the base model, each step in Python,
-  tau with the trained LoRA): XLA counts a
-  loop body once, so the scanned program's own count would miss steps."""
+  tau with the trained LoRA): XLA counts a loop body once, so the scanned
+  program's own count would miss steps."""
   from benchmarks import dreaming as benchmark
   model, params, state, _ = make_model()
   cfg = dataclasses.replace(CFG, eval_steps=2)
