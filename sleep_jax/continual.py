@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,10 +27,8 @@ import subprocess
 import time
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from sleep_jax import dreaming
 from sleep_jax import eval as eval_lib
@@ -51,11 +48,6 @@ from sleep_jax.models import Transformer, TransformerConfig
 # Keys whose values decide the base model (and the tokenizer): a change in
 # any of them trains a new one, anything else reuses it.
 _BASE_KEYS = ('model', 'data', 'world', 'base', 'optimizer')
-
-
-def _hash(tree) -> str:
-  return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str)
-                        .encode()).hexdigest()[:12]
 
 
 def code_version() -> str:
@@ -201,34 +193,25 @@ def base_model(config, parsed, model, rows, directory: str, mesh, rules,
                log=print):
   """(params, model_state) of the base model: restored from `directory` if a
   run with the same base config saved it there, else trained and saved."""
-  params_path = os.path.join(directory, 'params')
-  checkpointer = ocp.StandardCheckpointer()
   template = ml_collections.ConfigDict(dict(
       base_train_steps=int(config.base.train_steps), seed=int(config.base.seed),
       stream=dict(batch_size=int(config.base.batch_size)),
       data=dict(seq_len=int(config.data.document_len)),
       optimizer=config.optimizer.to_dict()))
-  if os.path.exists(params_path):
-    log(f'reusing the base model in {directory}')
-    restored = checkpointer.restore(params_path)
-    checkpointer.close()
-    return restored['params'], restored['model_state']
-  t0 = time.perf_counter()
-  log(f'training the base model ({template.base_train_steps} steps) -> '
-      f'{directory}')
-  params, model_state = fact_world.train_base(
-      model, template, rows, mesh, rules,
-      experts_per_level=parsed['base_experts'])
-  params, model_state = jax.device_get((params, model_state))
-  checkpointer.save(params_path, {'params': params,
-                                  'model_state': model_state})
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  with open(os.path.join(directory, 'base.json'), 'w') as f:
-    json.dump({'seconds': time.perf_counter() - t0,
-               'config': {k: config[k].to_dict() for k in _BASE_KEYS}}, f,
-              indent=2)
-  return params, model_state
+
+  def train():
+    t0 = time.perf_counter()
+    log(f'training the base model ({template.base_train_steps} steps) -> '
+        f'{directory}')
+    trained = fact_world.train_base(model, template, rows, mesh, rules,
+                                    experts_per_level=parsed['base_experts'])
+    metrics_lib.write_json(
+        os.path.join(directory, 'base.json'),
+        {'seconds': time.perf_counter() - t0,
+         'config': {k: config[k].to_dict() for k in _BASE_KEYS}})
+    return trained
+
+  return fact_world.restore_or_train(directory, train, log)
 
 
 # -------------------------------------------------------------------- run ---
@@ -274,7 +257,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(parsed['model'])
   base_dir = os.path.join(workdir, 'base',
-                          _hash({k: config[k].to_dict() for k in _BASE_KEYS}))
+                          fact_world.config_hash({k: config[k].to_dict() for k in _BASE_KEYS}))
   os.makedirs(base_dir, exist_ok=True)
   tokenizer, base_rows, base_items, sessions = load_world(
       config, parsed, workdir, os.path.join(base_dir, 'tokenizer.model'))
@@ -296,7 +279,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       token_ids={'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id,
                  'pad_id': tokenizer.pad_id},
       decode=tokenizer.decode, judge=judge, mesh=mesh, rules=rules,
-      lineage={'config_hash': _hash(config_dict), 'code_version': code_version(),
+      lineage={'config_hash': fact_world.config_hash(config_dict), 'code_version': code_version(),
                'base': os.path.relpath(base_dir, workdir)})
   writer = metrics_lib.MetricWriter(workdir, resume_step=2**62)
   base_info = {}

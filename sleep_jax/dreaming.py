@@ -25,8 +25,9 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
 Our readings where DESIGN is open: the dream generator is the model plus its
 own LoRA (`generator`), which only ReST-EM trains; answers are always given
 by the model without it. Selection gradients are taken with respect to a
-fixed, seeded LoRA at b = 0, so g = scale * a^T dW per kernel: a random
-projection of the kernel gradients, a LoRA's worth of memory per dream.
+fixed, seeded LoRA's b factors at b = 0, so g = scale * a^T dW per kernel:
+a random projection of the kernel gradients, rank x out floats per kernel
+per dream (the a factors' gradients are zero there and are not formed).
 Every program is jitted once per shape, so a later sleep cycle reuses them.
 """
 
@@ -286,11 +287,14 @@ def gradient_scores(model: nn.Module, cfg: DreamingConfig, params, model_state,
   docstring), one dream per vmapped lane.
   """
   adapter = lora.init(params, cfg.lora, rng)
+  # At b = 0 the gradient of every `a` is zero: take it for the b's alone.
+  with_b = lambda b: {k: {'a': f['a'], 'b': b[k]} for k, f in adapter.items()}
+  b0 = {k: f['b'] for k, f in adapter.items()}
 
   def grad_of(tokens_L, mask_L):
-    loss = lambda a: sft_loss(model, params, model_state, tokens_L[None],
-                              mask_L[None], a, cfg)
-    return _flat(jax.grad(loss)(adapter))
+    loss = lambda b: sft_loss(model, params, model_state, tokens_L[None],
+                              mask_L[None], with_b(b), cfg)
+    return _flat(jax.grad(loss)(b0))
 
   g_dreams = jax.vmap(grad_of)(dream_tokens, dream_masks)
   if cfg.score == 'norm':

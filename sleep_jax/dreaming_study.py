@@ -17,15 +17,18 @@
    and after, and the fraction of rewarded dreams per ReST-EM round.
 
 Each entry of `config.runs` (dreaming.* overrides, e.g. the ablations) starts
-from the same base model. results.json (rewritten after each run, so a crash
-keeps the runs already done) holds per run the rounds, recall and examples
-of accepted dreams; a line per run is printed.
+from the same base model. results.json (rewritten after each run) holds per
+run the rounds, recall and examples of accepted dreams; a line per run is
+printed. Re-running in the same workdir (after a crash, or with runs added)
+restores the base model from workdir/base/<hash of its config> and keeps
+every run that results.json already holds for the same settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -97,6 +100,22 @@ def _label(cfg: dreaming.DreamingConfig, base: dreaming.DreamingConfig) -> str:
   return ' '.join(f'{k}={v}' for k, v in diff.items()) or 'default'
 
 
+# Keys that do not decide the base model: any other change trains a new one.
+_AFTER_BASE_KEYS = ('dreaming', 'runs', 'prompt_width', 'rehearse_level')
+
+
+def _done_runs(results_path: str, config) -> list[dict]:
+  """The runs of an earlier results.json written with the same settings
+  apart from `runs` and `dreaming` (each run records its own DreamingConfig)."""
+  if not os.path.exists(results_path):
+    return []
+  with open(results_path) as f:
+    earlier = json.load(f)
+  same = lambda c: {k: v for k, v in c.items() if k not in ('runs', 'dreaming')}
+  now = json.loads(json.dumps(config.to_dict()))
+  return earlier['runs'] if same(earlier['config']) == same(now) else []
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   t_start = time.perf_counter()
   model_config, runs = validate_config(config)
@@ -124,10 +143,13 @@ def run(config, workdir: str) -> dict[str, Any]:
   repeats = int(config.stream.closed_book_repeats)
   data = {k: np.concatenate([closed_book[k]] * repeats + [readers[k]])
           for k in readers}
-  params, model_state = fact_world.train_base(
-      model, config, data, mesh, rules,
-      experts_per_level=[int(n) for n in config.base_experts])
-  params, model_state = jax.device_get((params, model_state))
+  base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
+      {k: v for k, v in config.to_dict().items()
+       if k not in _AFTER_BASE_KEYS}))
+  params, model_state = fact_world.restore_or_train(
+      base_dir, lambda: fact_world.train_base(
+          model, config, data, mesh, rules,
+          experts_per_level=[int(n) for n in config.base_experts]))
   level = int(config.rehearse_level)
   params, model_state, slot = growth.grow(params, model_state, level,
                                           jax.random.key(config.seed + 1))
@@ -136,12 +158,20 @@ def run(config, workdir: str) -> dict[str, Any]:
   results = {'before': recall(params), 'chance': 1.0 / 12, 'runs': [],
              'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
+  done = _done_runs(results_path, config)
   print(f"before dreaming: new {results['before']['new']:.3f}, base "
         f"{results['before']['base']:.3f}", flush=True)
   base_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
   tok = world.tokenizer
   for cfg, tasks in zip(runs, run_tasks):
     label = _label(cfg, base_cfg)
+    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    earlier = [e for e in done if e['dreaming'] == settings]
+    if earlier:  # written back at once, in this run order
+      results['runs'].append(earlier[0])
+      metrics_lib.write_json(results_path, results)
+      print(f'[{label}] kept from {results_path}', flush=True)
+      continue
     t0 = time.perf_counter()
     on_round = functools.partial(_print_round, label)
     out = dreaming.dream(model, cfg, params, model_state, tasks,
@@ -167,6 +197,8 @@ def run(config, workdir: str) -> dict[str, Any]:
           f"{after['new']:.3f} ({100 * entry['new_gain']:+.1f} pts), base "
           f"{after['base']:.3f} ({100 * entry['base_change']:+.1f} pts), "
           f"{entry['seconds']:.0f}s", flush=True)
+  results['seconds'] = time.perf_counter() - t_start
+  metrics_lib.write_json(results_path, results)
   print(f'wrote {results_path}', flush=True)
   return results
 

@@ -5,7 +5,9 @@ people, sleep_jax.data.tasks.facts), trains a SentencePiece tokenizer on
 every sentence of the world, and encodes what the studies need: passage rows
 for training and wake, closed-book recall items for evaluation.
 `train_base` trains the model on the base population, so it knows the
-language of the world but none of the people who arrive later.
+language of the world but none of the people who arrive later;
+`restore_or_train` keeps it on disk, so a study re-run (or resumed after a
+crash) with the same base config does not train it again.
 
 Config keys read: world_seed, seed, data.{seq_len, tokenizer_vocab_size},
 stream.{base_people, sessions, people_per_session, batch_size},
@@ -16,10 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from sleep_jax import eval as eval_lib
 from sleep_jax import growth
@@ -123,3 +130,32 @@ def train_base(model, config, data, mesh, rules, experts_per_level=()):
       metrics_lib.check_finite(i + 1, {'loss': metrics['loss']})
     progress.update(i + 1, {'loss': metrics['loss']}, force=i + 1 == steps)
   return state.params, state.model_state
+
+
+def config_hash(tree) -> str:
+  """12 hex digits naming a JSON-able config tree (key order ignored)."""
+  return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str)
+                        .encode()).hexdigest()[:12]
+
+
+def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
+  """(params, model_state) from `directory` if a run saved them there, else
+  `train()`'s, saved there first.
+
+  Name `directory` by what decides the model (e.g. `config_hash` of the base
+  config). Orbax writes to a temporary directory and renames it when done, so
+  a crash mid-save leaves nothing to restore, not half a model.
+  """
+  path = os.path.join(directory, 'params')
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    if os.path.exists(path):
+      log(f'reusing the base model in {directory}')
+      restored = checkpointer.restore(path)
+      return restored['params'], restored['model_state']
+    params, model_state = jax.device_get(train())
+    checkpointer.save(path, {'params': params, 'model_state': model_state})
+    checkpointer.wait_until_finished()
+    return params, model_state
+  finally:
+    checkpointer.close()

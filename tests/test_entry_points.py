@@ -136,6 +136,16 @@ def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   assert all(0 <= r['reward_fraction'] <= 1 for r in run['rounds'])
   assert 0 <= run['recall']['new'] <= 1 and 0 <= results['before']['base'] <= 1
   assert 'rewarded dreams per round' in proc.stdout
+  # Run again (as after a crash): the base model is restored, not retrained,
+  # and the finished run is kept, not dreamt again.
+  again = _run('experiments.dreaming',
+               '--config=experiments/configs/dreaming.py:smoke',
+               '--config.dreaming.rounds=1', f'--workdir={tmp_path}')
+  assert 'reusing the base model' in again.stdout
+  assert 'base step' not in again.stdout and 'round 0:' not in again.stdout
+  assert '[default] kept from' in again.stdout
+  rerun = json.load(open(tmp_path / 'results.json'))
+  assert rerun['runs'] == results['runs'] and rerun['before'] == results['before']
   proc = _run('experiments.dreaming',
               '--config=experiments/configs/dreaming.py:smoke',
               '--config.dreaming.keep_top=9', '--workdir=/tmp/unused',
