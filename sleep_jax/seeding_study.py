@@ -14,16 +14,16 @@
    on the base population, for the teacher, the student before seeding (its
    no-knowledge level) and the student after seeding.
 
-Writes results.json and prints a table; `recovered` is the student's new-fact
-recall after seeding over the teacher's; `base_vs_teacher` / `base_vs_before`
-the change of base recall against the teacher and against the student before
-seeding.
+Writes results.json (after each run) and prints a table. The base model is
+saved in workdir/base/<hash of its config>; a re-run reuses it. `recovered`
+is the student's new-fact recall after seeding over the teacher's;
+`base_vs_teacher` / `base_vs_before` the change of base recall against the
+teacher and against the student before seeding.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 from sleep_jax import eval as eval_lib
 from sleep_jax import fact_world
 from sleep_jax import growth
+from sleep_jax import metrics as metrics_lib
 from sleep_jax import rewards
 from sleep_jax import seeding
 from sleep_jax import sharding
@@ -94,15 +95,20 @@ def run(config, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(model_config)
-  params, model_state = fact_world.train_base(
-      model, config, world.passages(world.base), mesh, rules)
+  params, model_state = fact_world.restore_or_train(
+      os.path.join(workdir, 'base', fact_world.config_hash(
+          {k: v for k, v in config.to_dict().items()
+           if k not in ('sleep', 'sweep', 'wake_steps')})),
+      lambda: fact_world.train_base(model, config, world.passages(world.base),
+                                    mesh, rules))
   teacher = _wake_teacher(model, params, model_state, config, passages, mesh,
                           rules)
   recall = lambda p, s: {k: eval_lib.recall_accuracy(model, p, s, v)
                          for k, v in evals.items()}
   cleared = growth.reset(*teacher, 0, growth.active_slots(teacher[1], 0))
   results = {'teacher': recall(*teacher), 'student_before': recall(*cleared),
-             'chance': 1.0 / 12, 'runs': []}
+             'chance': 1.0 / 12, 'runs': [], 'config': config.to_dict()}
+  results_path = os.path.join(workdir, 'results.json')
   print(f"teacher recall: new {results['teacher']['new']:.3f}, base "
         f"{results['teacher']['base']:.3f}; student before seeding: new "
         f"{results['student_before']['new']:.3f}, base "
@@ -131,15 +137,13 @@ def run(config, workdir: str) -> dict[str, Any]:
              'seconds': time.perf_counter() - t0,
              'final_metrics': out.metrics[-1]}
     results['runs'].append(entry)
+    results['seconds'] = time.perf_counter() - t_start
+    metrics_lib.write_json(results_path, results)  # a later crash keeps it
     print(f"[{entry['label']}] new {after['new']:.3f} "
           f"({100 * entry['recovered']:.0f}% of teacher), base "
           f"{after['base']:.3f} ({100 * entry['base_vs_teacher']:+.1f} pts vs "
           f"the teacher), "
           f"{entry['seconds']:.0f}s", flush=True)
-  results['seconds'] = time.perf_counter() - t_start
-  results['config'] = config.to_dict()
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
   print(f"{'setting':38s} | new recall | % of teacher | base recall")
   for r in results['runs']:
     print(f"{r['label']:38s} | {r['recall']['new']:.3f}      | "

@@ -12,12 +12,13 @@
 3. After every session: closed-book recall ("<Name> lives in" -> city) on the
    people of every session so far, and on the base population.
 
-Writes results.json (accuracy matrices per method) and prints a table.
+Writes results.json (accuracy matrices per method, after each method) and
+prints a table. The base model is saved in workdir/base/<hash of its config>;
+a re-run reuses it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 from sleep_jax import eval as eval_lib
 from sleep_jax import fact_world
 from sleep_jax import growth
+from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
 from sleep_jax import wake
 from sleep_jax.data.tasks import facts
@@ -98,9 +100,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(model_config)
-  params, model_state = fact_world.train_base(model, config,
-                                              world.passages(world.base),
-                                              mesh, rules)
+  params, model_state = fact_world.restore_or_train(
+      os.path.join(workdir, 'base', fact_world.config_hash(
+          {k: v for k, v in config.to_dict().items() if k != 'methods'})),
+      lambda: fact_world.train_base(model, config, world.passages(world.base),
+                                    mesh, rules))
   example = jnp.zeros((stream.batch_size, length), jnp.int32)
   wake_shardings = wake.wake_state_shardings(model, mesh, rules, example)
   wake_step = wake.compile_wake_step(model, wake_shardings, mesh, rules)
@@ -117,9 +121,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         if len(last) > 1 else None,
         'final_recall_all_sessions': float(np.mean(last)),
         'chance': 1.0 / len(facts.ATTRIBUTES['city'])}
-  results['seconds'] = time.perf_counter() - t_start
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+    results['seconds'] = time.perf_counter() - t_start
+    # Rewritten after each method: a later crash keeps it.
+    metrics_lib.write_json(os.path.join(workdir, 'results.json'), results)
   print('method   | recall, earlier sessions | recall, all sessions | base',
         flush=True)
   for method, r in results['methods'].items():

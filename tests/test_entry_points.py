@@ -90,6 +90,8 @@ def test_cms_recall_smoke_writes_results(tmp_path):
     acc = results['methods'][method]['acc_matrix']
     assert len(acc) == 2 and acc[0][1] is None and 0 <= acc[1][0] <= 1
   assert 'method   | recall' in proc.stdout
+  base, = os.listdir(tmp_path / 'base')  # kept for a re-run
+  assert os.path.isdir(tmp_path / 'base' / base / 'params')
 
 
 def test_tiny_lm_cms_variants_and_bad_levels_fail_early():
@@ -119,6 +121,8 @@ def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   assert run['sleep']['alpha'] == 0.5
   assert 0 <= run['recall']['new'] <= 1 and 0 <= results['teacher']['base'] <= 1
   assert 'setting ' in proc.stdout and '% of teacher' in proc.stdout
+  base, = os.listdir(tmp_path / 'base')  # kept for a re-run
+  assert os.path.isdir(tmp_path / 'base' / base / 'params')
   proc = _run('experiments.seeding',
               '--config=experiments/configs/seeding.py:smoke',
               '--config.sleep.alpha=2', '--workdir=/tmp/unused', check=False)
