@@ -19,9 +19,11 @@
 Each entry of `config.runs` (dreaming.* overrides, e.g. the ablations) starts
 from the same base model. results.json (rewritten after each run) holds per
 run the rounds, recall and examples of accepted dreams; a line per run is
-printed. Re-running in the same workdir (after a crash, or with runs added)
+printed. Re-running in the same workdir (after a crash, or with other runs)
 restores the base model from workdir/base/<hash of its config> and keeps
-every run that results.json already holds for the same settings.
+every run that results.json already holds for the same settings; earlier runs
+not asked for stay under `other_runs`. An earlier results.json of other
+settings is renamed to results.json.earlier-<time>, never overwritten.
 """
 
 from __future__ import annotations
@@ -104,16 +106,22 @@ def _label(cfg: dreaming.DreamingConfig, base: dreaming.DreamingConfig) -> str:
 _AFTER_BASE_KEYS = ('dreaming', 'runs', 'prompt_width', 'rehearse_level')
 
 
-def _done_runs(results_path: str, config) -> list[dict]:
-  """The runs of an earlier results.json written with the same settings
-  apart from `runs` and `dreaming` (each run records its own DreamingConfig)."""
+def _earlier_runs(results_path: str, config, before) -> list[dict]:
+  """The runs of an earlier results.json in this workdir that can be kept:
+  same settings apart from `runs` and `dreaming` (each run records its own
+  DreamingConfig), and the same recall before dreaming (the same base model).
+  Any other earlier file is set aside whole, not overwritten."""
   if not os.path.exists(results_path):
     return []
   with open(results_path) as f:
     earlier = json.load(f)
   same = lambda c: {k: v for k, v in c.items() if k not in ('runs', 'dreaming')}
   now = json.loads(json.dumps(config.to_dict()))
-  return earlier['runs'] if same(earlier['config']) == same(now) else []
+  if (same(earlier.get('config', {})) == same(now)
+      and earlier.get('before') == before):
+    return earlier.get('runs', []) + earlier.get('other_runs', [])
+  metrics_lib.set_aside(results_path)
+  return []
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -158,17 +166,22 @@ def run(config, workdir: str) -> dict[str, Any]:
   results = {'before': recall(params), 'chance': 1.0 / 12, 'runs': [],
              'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
-  done = _done_runs(results_path, config)
+  done = _earlier_runs(results_path, config, results['before'])
   print(f"before dreaming: new {results['before']['new']:.3f}, base "
         f"{results['before']['base']:.3f}", flush=True)
   base_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
   tok = world.tokenizer
+  # Earlier runs of this base not asked for now stay in the file, apart.
+  other_runs = lambda now: [e for e in done if e['dreaming'] not in
+                            [r['dreaming'] for r in now]]
+  results['other_runs'] = other_runs([])
   for cfg, tasks in zip(runs, run_tasks):
     label = _label(cfg, base_cfg)
     settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
     earlier = [e for e in done if e['dreaming'] == settings]
-    if earlier:  # written back at once, in this run order
-      results['runs'].append(earlier[0])
+    if earlier:
+      results['runs'].append(dict(earlier[0], label=label))
+      results['other_runs'] = other_runs(results['runs'])
       metrics_lib.write_json(results_path, results)
       print(f'[{label}] kept from {results_path}', flush=True)
       continue
@@ -190,6 +203,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                       out.accepted['mask'][:8])],
              'seconds': time.perf_counter() - t0}
     results['runs'].append(entry)
+    results['other_runs'] = other_runs(results['runs'])
     results['seconds'] = time.perf_counter() - t_start
     metrics_lib.write_json(results_path, results)  # a later crash keeps it
     fractions = ' -> '.join(f"{r['reward_fraction']:.2f}" for r in out.rounds)

@@ -22,6 +22,17 @@ def write_json(path: str, value) -> None:
   os.replace(tmp, path)
 
 
+def set_aside(path: str, log=print) -> str | None:
+  """Renames an existing `path` to `path.earlier-<time>` (returned), so a
+  run about to rewrite it piece by piece cannot lose an earlier complete one."""
+  if not os.path.exists(path):
+    return None
+  aside = f"{path}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+  os.replace(path, aside)
+  log(f'moved the earlier {os.path.basename(path)} to {aside}')
+  return aside
+
+
 class MetricWriter:
   """Appends one JSON object per step to `<workdir>/metrics.jsonl` and writes
   the same scalars as TensorBoard events under `<workdir>/tensorboard`.

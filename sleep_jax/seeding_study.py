@@ -14,11 +14,12 @@
    on the base population, for the teacher, the student before seeding (its
    no-knowledge level) and the student after seeding.
 
-Writes results.json (after each run) and prints a table. The base model is
-saved in workdir/base/<hash of its config>; a re-run reuses it. `recovered`
-is the student's new-fact recall after seeding over the teacher's;
-`base_vs_teacher` / `base_vs_before` the change of base recall against the
-teacher and against the student before seeding.
+Writes results.json (after each run; an earlier one is renamed
+results.json.earlier-<time>) and prints a table. The base model is saved in
+workdir/base/<hash of the config apart from sleep, sweep and wake_steps>; a
+re-run reuses it. `recovered` is the student's new-fact recall after
+seeding over the teacher's; `base_vs_teacher` / `base_vs_before` the change
+of base recall against the teacher and against the student before seeding.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   results = {'teacher': recall(*teacher), 'student_before': recall(*cleared),
              'chance': 1.0 / 12, 'runs': [], 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
+  metrics_lib.set_aside(results_path)  # rewritten run by run from here on
   print(f"teacher recall: new {results['teacher']['new']:.3f}, base "
         f"{results['teacher']['base']:.3f}; student before seeding: new "
         f"{results['student_before']['new']:.3f}, base "

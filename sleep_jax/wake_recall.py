@@ -12,9 +12,10 @@
 3. After every session: closed-book recall ("<Name> lives in" -> city) on the
    people of every session so far, and on the base population.
 
-Writes results.json (accuracy matrices per method, after each method) and
-prints a table. The base model is saved in workdir/base/<hash of its config>;
-a re-run reuses it.
+Writes results.json (accuracy matrices per method, after each method; an
+earlier one is renamed results.json.earlier-<time>) and prints a table. The
+base model is saved in workdir/base/<hash of the config apart from
+`methods`>; a re-run reuses it.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   wake_step = wake.compile_wake_step(model, wake_shardings, mesh, rules)
 
   results = {'methods': {}, 'config': config.to_dict()}
+  results_path = os.path.join(workdir, 'results.json')
+  metrics_lib.set_aside(results_path)  # rewritten method by method from here
   for method in config.methods:
     acc, base_acc = _live_through_stream(
         method, model, params, model_state, config, sessions, evals,
@@ -122,8 +125,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         'final_recall_all_sessions': float(np.mean(last)),
         'chance': 1.0 / len(facts.ATTRIBUTES['city'])}
     results['seconds'] = time.perf_counter() - t_start
-    # Rewritten after each method: a later crash keeps it.
-    metrics_lib.write_json(os.path.join(workdir, 'results.json'), results)
+    metrics_lib.write_json(results_path, results)  # a later crash keeps it
+  results['seconds'] = time.perf_counter() - t_start
+  metrics_lib.write_json(results_path, results)
   print('method   | recall, earlier sessions | recall, all sessions | base',
         flush=True)
   for method, r in results['methods'].items():

@@ -164,6 +164,34 @@ def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   assert 'base step' not in proc.stdout
 
 
+def test_dreaming_study_keeps_earlier_runs_only_of_the_same_base(tmp_path):
+  from experiments.configs import dreaming as dreaming_config
+  from sleep_jax import dreaming_study
+  from sleep_jax import metrics
+  config = dreaming_config.get_config('smoke')
+  path = str(tmp_path / 'results.json')
+  earlier = {'config': config.to_dict(), 'before': {'new': 0.25, 'base': 0.5},
+             'runs': [{'dreaming': {'rounds': 1}}],
+             'other_runs': [{'dreaming': {'rounds': 2}}]}
+  metrics.write_json(path, earlier)
+  # Other runs asked for, other dreaming defaults: every earlier run counts.
+  config.runs = [dict(rounds=3)]
+  config.dreaming.keep_top = 2
+  assert dreaming_study._earlier_runs(path, config, earlier['before']) == [
+      {'dreaming': {'rounds': 1}}, {'dreaming': {'rounds': 2}}]
+  # Another base model (recall before differs): set aside whole, none kept.
+  assert dreaming_study._earlier_runs(path, config, {'new': 0.3,
+                                                     'base': 0.5}) == []
+  aside, = [f for f in os.listdir(tmp_path) if f != 'results.json']
+  assert aside.startswith('results.json.earlier-') and not os.path.exists(path)
+  assert json.load(open(tmp_path / aside)) == json.loads(json.dumps(earlier))
+  # Other settings apart from runs/dreaming: likewise.
+  metrics.write_json(path, earlier)
+  config.prompt_width = 95
+  assert dreaming_study._earlier_runs(path, config, earlier['before']) == []
+  assert not os.path.exists(path)
+
+
 @pytest.mark.parametrize('overrides, message', [
     (dict(prompt_width=150), r'prompt_width=150 \+ dreaming.max_new_tokens=28 '
                              'exceeds model.max_len=160'),
