@@ -19,11 +19,12 @@
 Each entry of `config.runs` (dreaming.* overrides, e.g. the ablations) starts
 from the same base model. results.json (rewritten after each run) holds per
 run the rounds, recall and examples of accepted dreams; a line per run is
-printed. Re-running in the same workdir (after a crash, or with other runs)
-restores the base model from workdir/base/<hash of its config> and keeps
-every run that results.json already holds for the same settings; earlier runs
-not asked for stay under `other_runs`. An earlier results.json of other
-settings is renamed to results.json.earlier-<time>, never overwritten.
+printed, and dreaming.png plots them at the end. Re-running in the same
+workdir (after a crash, or with other runs) restores the base model from
+workdir/base/<hash of its config> and keeps every run that results.json
+already holds for the same settings; earlier runs not asked for stay under
+`other_runs`. An earlier results.json of other settings is renamed to
+results.json.earlier-<time>, never overwritten.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from sleep_jax import eval as eval_lib
 from sleep_jax import fact_world
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
+from sleep_jax import report
 from sleep_jax import sharding
 from sleep_jax.data.tasks import facts
 from sleep_jax.models import Transformer, TransformerConfig
@@ -213,7 +215,9 @@ def run(config, workdir: str) -> dict[str, Any]:
           f"{entry['seconds']:.0f}s", flush=True)
   results['seconds'] = time.perf_counter() - t_start
   metrics_lib.write_json(results_path, results)
-  print(f'wrote {results_path}', flush=True)
+  plot_path = os.path.join(workdir, 'dreaming.png')
+  report.plot_dreaming(results, plot_path)
+  print(f'wrote {results_path} and {plot_path}', flush=True)
   return results
 
 

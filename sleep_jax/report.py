@@ -5,6 +5,10 @@ into <workdir>/report.md (a results table, per-method accuracy matrices, the
 optional learning-rate sweep) and PNG plots under <workdir>/plots/: one
 accuracy-matrix heatmap and one forgetting-curve plot per method, and one
 bar chart comparing the methods' final ACC and BWT.
+
+`plot_dreaming(results, path)` draws the dreaming study's results.json
+(sleep_jax.dreaming_study): rewarded dreams per ReST-EM round, and recall of
+the new and the base facts before and after, per run.
 """
 
 from __future__ import annotations
@@ -251,6 +255,48 @@ def _plot_methods(methods: dict, chance, path: str) -> None:
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, ha='right', fontsize=9)
     ax.grid(axis='y', alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=_DPI)
+  plt.close(fig)
+
+
+def plot_dreaming(results: dict, path: str) -> None:
+  """The dreaming study's runs: rewarded fraction per round, recall after."""
+  runs = results['runs']
+  fig, (round_ax, recall_ax) = plt.subplots(
+      1, 2, figsize=(max(10.0, 1.4 * len(runs) + 6.0), 4.5))
+  for run in runs:
+    if run['rounds']:
+      round_ax.plot([r['round'] for r in run['rounds']],
+                    [r['reward_fraction'] for r in run['rounds']], marker='o',
+                    label=run['label'])
+  round_ax.set_xlabel('ReST-EM round')
+  round_ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  round_ax.set_ylabel('fraction of kept dreams rewarded')
+  round_ax.set_ylim(0.0, 1.0)
+  round_ax.set_title('Rewarded dreams per round')
+  round_ax.grid(alpha=0.3)
+  if any(run['rounds'] for run in runs):
+    round_ax.legend(fontsize=8)
+  x = np.arange(len(runs))
+  before = results['before']
+  for offset, key, color in ((-0.2, 'new', 'tab:green'),
+                             (0.2, 'base', 'tab:blue')):
+    recall_ax.bar(x + offset, [run['recall'][key] for run in runs], width=0.4,
+                  color=color, label=f'{key} facts, after')
+    recall_ax.axhline(before[key], color=color, linestyle=':',
+                      label=f'{key} facts, before')
+  recall_ax.axhline(results['chance'], color='grey', linestyle='--',
+                    label='chance')
+  recall_ax.set_xticks(x)
+  recall_ax.set_xticklabels([run['label'] for run in runs], rotation=30,
+                            ha='right', fontsize=8)
+  recall_ax.set_ylim(0.0, 1.4)  # room above the bars for the legend
+  recall_ax.set_yticks(np.linspace(0.0, 1.0, 6))
+  recall_ax.set_ylabel('closed-book recall')
+  recall_ax.set_title('Recall after rehearsal')
+  recall_ax.legend(fontsize=8, ncol=3, loc='upper center')
+  recall_ax.grid(axis='y', alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=_DPI)
   plt.close(fig)

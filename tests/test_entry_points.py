@@ -140,6 +140,8 @@ def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   assert all(0 <= r['reward_fraction'] <= 1 for r in run['rounds'])
   assert 0 <= run['recall']['new'] <= 1 and 0 <= results['before']['base'] <= 1
   assert 'rewarded dreams per round' in proc.stdout
+  with open(tmp_path / 'dreaming.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   # Run again (as after a crash): the base model is restored, not retrained,
   # and the finished run is kept, not dreamt again.
   again = _run('experiments.dreaming',
