@@ -256,8 +256,8 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(parsed['model'])
-  base_dir = os.path.join(workdir, 'base',
-                          fact_world.config_hash({k: config[k].to_dict() for k in _BASE_KEYS}))
+  base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
+      {k: config[k].to_dict() for k in _BASE_KEYS}))
   os.makedirs(base_dir, exist_ok=True)
   tokenizer, base_rows, base_items, sessions = load_world(
       config, parsed, workdir, os.path.join(base_dir, 'tokenizer.model'))
@@ -279,7 +279,8 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       token_ids={'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id,
                  'pad_id': tokenizer.pad_id},
       decode=tokenizer.decode, judge=judge, mesh=mesh, rules=rules,
-      lineage={'config_hash': fact_world.config_hash(config_dict), 'code_version': code_version(),
+      lineage={'config_hash': fact_world.config_hash(config_dict),
+               'code_version': code_version(),
                'base': os.path.relpath(base_dir, workdir)})
   writer = metrics_lib.MetricWriter(workdir, resume_step=2**62)
   base_info = {}

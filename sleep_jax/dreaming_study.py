@@ -153,11 +153,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   repeats = int(config.stream.closed_book_repeats)
   data = {k: np.concatenate([closed_book[k]] * repeats + [readers[k]])
           for k in readers}
-  base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
-      {k: v for k, v in config.to_dict().items()
-       if k not in _AFTER_BASE_KEYS}))
   params, model_state = fact_world.restore_or_train(
-      base_dir, lambda: fact_world.train_base(
+      fact_world.base_dir(workdir, config, _AFTER_BASE_KEYS),
+      lambda: fact_world.train_base(
           model, config, data, mesh, rules,
           experts_per_level=[int(n) for n in config.base_experts]))
   level = int(config.rehearse_level)

@@ -138,13 +138,20 @@ def config_hash(tree) -> str:
                         .encode()).hexdigest()[:12]
 
 
+def base_dir(workdir: str, config, not_base_keys) -> str:
+  """workdir/base/<config_hash of every top-level key of `config` but
+  `not_base_keys`>: where `restore_or_train` keeps that base model."""
+  return os.path.join(workdir, 'base', config_hash(
+      {k: v for k, v in config.to_dict().items() if k not in not_base_keys}))
+
+
 def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
   """(params, model_state) from `directory` if a run saved them there, else
   `train()`'s, saved there first.
 
-  Name `directory` by what decides the model (e.g. `config_hash` of the base
-  config). Orbax writes to a temporary directory and renames it when done, so
-  a crash mid-save leaves nothing to restore, not half a model.
+  Name `directory` by what decides the model (`base_dir`, or `config_hash`
+  of the base config). Orbax writes to a temporary directory and renames it
+  when done, so a crash mid-save leaves nothing to restore, not half a model.
   """
   path = os.path.join(directory, 'params')
   checkpointer = ocp.StandardCheckpointer()

@@ -97,9 +97,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(model_config)
   params, model_state = fact_world.restore_or_train(
-      os.path.join(workdir, 'base', fact_world.config_hash(
-          {k: v for k, v in config.to_dict().items()
-           if k not in ('sleep', 'sweep', 'wake_steps')})),
+      fact_world.base_dir(workdir, config, ('sleep', 'sweep', 'wake_steps')),
       lambda: fact_world.train_base(model, config, world.passages(world.base),
                                     mesh, rules))
   teacher = _wake_teacher(model, params, model_state, config, passages, mesh,

@@ -102,8 +102,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(model_config)
   params, model_state = fact_world.restore_or_train(
-      os.path.join(workdir, 'base', fact_world.config_hash(
-          {k: v for k, v in config.to_dict().items() if k != 'methods'})),
+      fact_world.base_dir(workdir, config, ('methods',)),
       lambda: fact_world.train_base(model, config, world.passages(world.base),
                                     mesh, rules))
   example = jnp.zeros((stream.batch_size, length), jnp.int32)

@@ -218,7 +218,8 @@ def test_keep_is_top_k_plus_distinct_random_others():
 def test_repeated_dreams_are_kept_only_when_too_few_are_distinct():
   dreams = np.array([[5, 6, 7], [5, 6, 9], [5, 6, 7], [8, 8, 8],    # context 0
                      [4, 4, 4], [4, 4, 4], [4, 4, 4], [3, 4, 5]])   # context 1
-  lengths = np.array([3, 2, 3, 3, 3, 3, 2, 3])  # dream 1 = [5, 6] = dream 0's prefix
+  # Dream 1 = [5, 6] = dream 0's prefix.
+  lengths = np.array([3, 2, 3, 3, 3, 3, 2, 3])
   dup = dreaming.duplicates(dreams, lengths, 4)
   np.testing.assert_array_equal(
       dup, [[False, False, True, False], [False, True, False, False]])

@@ -151,7 +151,8 @@ def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   assert 'base step' not in again.stdout and 'round 0:' not in again.stdout
   assert '[default] kept from' in again.stdout
   rerun = json.load(open(tmp_path / 'results.json'))
-  assert rerun['runs'] == results['runs'] and rerun['before'] == results['before']
+  assert rerun['runs'] == results['runs']
+  assert rerun['before'] == results['before']
   proc = _run('experiments.dreaming',
               '--config=experiments/configs/dreaming.py:smoke',
               '--config.dreaming.keep_top=9', '--workdir=/tmp/unused',
@@ -162,7 +163,8 @@ def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   proc = _run('experiments.dreaming',
               '--config=experiments/configs/dreaming.py:smoke',
               '--config.prompt_width=8', '--workdir=/tmp/unused', check=False)
-  assert proc.returncode != 0 and 'prompt_width=8: a dream prompt' in proc.stderr
+  assert proc.returncode != 0
+  assert 'prompt_width=8: a dream prompt' in proc.stderr
   assert 'base step' not in proc.stdout
 
 

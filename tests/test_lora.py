@@ -113,8 +113,8 @@ def test_unmerged_collection_equals_merging():
   adapter = random_adapter(params, cfg, seed=4)
   tokens = jnp.asarray([[1, 5, 7, 9, 3], [2, 4, 6, 8, 10]])
   merged = model.apply({'params': lora.merge(params, adapter, cfg)}, tokens)
-  unmerged = model.apply({'params': params,
-                          'lora': lora.as_collection(params, adapter, cfg)}, tokens)
+  collection = lora.as_collection(params, adapter, cfg)
+  unmerged = model.apply({'params': params, 'lora': collection}, tokens)
   plain = model.apply({'params': params}, tokens)
   np.testing.assert_allclose(unmerged, merged, rtol=1e-4, atol=1e-4)
   assert not np.allclose(unmerged, plain, atol=1e-3)
@@ -141,7 +141,8 @@ def test_misused_adapters_fail_with_the_fix_named():
     with pytest.raises(ValueError, match='leading copy axis'):
       apply(params, lora.init(params, CFG, jax.random.key(0), copies=3), CFG)
     with pytest.raises(ValueError, match='matches none of lora.targets'):
-      apply(params, adapter, lora.LoraConfig(rank=3, targets=(('q_kernel', 1),)))
+      only_q = lora.LoraConfig(rank=3, targets=(('q_kernel', 1),))
+      apply(params, adapter, only_q)
   with pytest.raises(ValueError, match='regex string'):
     lora.LoraConfig(targets=((3, 1),))
   listed = lora.LoraConfig(targets=[['attn/q_kernel$', 1]])

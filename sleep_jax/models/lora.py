@@ -8,8 +8,9 @@ targeted kernel replaced by `W + (alpha / rank) * reshape(a @ b)`; nothing
 else changes, and `b` starts at zero so a fresh adapter is the identity.
 
 Two ways to apply one copy's adapter, with the same result: `merge` (any
-kernel; one merged copy of each adapted kernel) and `as_collection`, the model's
-'lora' variable collection: the Transformer adds (x @ a) @ b next to x @ W.
+kernel; one merged copy of each adapted kernel) and `as_collection`, the
+model's 'lora' variable collection: the Transformer adds (x @ a) @ b next to
+x @ W.
 The second is the one to vmap over copies (`init(..., copies=N)` gives every
 leaf a leading copy axis): all copies share each base matmul, and gradients
 exist only for a and b, never for a kernel (DESIGN §5, step 3).
