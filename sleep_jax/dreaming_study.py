@@ -113,17 +113,11 @@ def _earlier_runs(results_path: str, config, before) -> list[dict]:
   same settings apart from `runs` and `dreaming` (each run records its own
   DreamingConfig), and the same recall before dreaming (the same base model).
   Any other earlier file is set aside whole, not overwritten."""
-  if not os.path.exists(results_path):
+  earlier = metrics_lib.earlier_results(
+      results_path, config, ('runs', 'dreaming'), {'before': before})
+  if earlier is None:
     return []
-  with open(results_path) as f:
-    earlier = json.load(f)
-  same = lambda c: {k: v for k, v in c.items() if k not in ('runs', 'dreaming')}
-  now = json.loads(json.dumps(config.to_dict()))
-  if (same(earlier.get('config', {})) == same(now)
-      and earlier.get('before') == before):
-    return earlier.get('runs', []) + earlier.get('other_runs', [])
-  metrics_lib.set_aside(results_path)
-  return []
+  return earlier.get('runs', []) + earlier.get('other_runs', [])
 
 
 def run(config, workdir: str) -> dict[str, Any]:

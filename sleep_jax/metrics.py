@@ -33,6 +33,31 @@ def set_aside(path: str, log=print) -> str | None:
   return aside
 
 
+def earlier_results(path: str, config, ignore, same) -> dict | None:
+  """The earlier results file at `path` (a study's results.json) if a re-run
+  may keep what it holds, else None.
+
+  It may if its 'config' equals `config` apart from the top-level keys in
+  `ignore` (those its entries record one by one, e.g. the runs asked for),
+  and its value of each key of `same` equals that one (e.g. recall measured
+  before any run: the same base model). Any other earlier file is
+  `set_aside` whole: results of other settings or of another base model are
+  never overwritten, and never mixed with this run's.
+  """
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    earlier = json.load(f)
+  as_json = lambda v: json.loads(json.dumps(v))  # tuples become lists
+  settings = lambda c: {k: v for k, v in c.items() if k not in ignore}
+  now = settings(as_json(config.to_dict()))
+  if (settings(earlier.get('config', {})) == now
+      and all(earlier.get(k) == as_json(v) for k, v in same.items())):
+    return earlier
+  set_aside(path)
+  return None
+
+
 class MetricWriter:
   """Appends one JSON object per step to `<workdir>/metrics.jsonl` and writes
   the same scalars as TensorBoard events under `<workdir>/tensorboard`.

@@ -14,17 +14,23 @@
    on the base population, for the teacher, the student before seeding (its
    no-knowledge level) and the student after seeding.
 
-Writes results.json (after each run; an earlier one is renamed
-results.json.earlier-<time>) and prints a table. The base model is saved in
-workdir/base/<hash of the config apart from sleep, sweep and wake_steps>; a
-re-run reuses it. `recovered` is the student's new-fact recall after
-seeding over the teacher's; `base_vs_teacher` / `base_vs_before` the change
-of base recall against the teacher and against the student before seeding.
+Writes results.json (after each run) and prints a table. The base model is
+saved in workdir/base/<hash of the config apart from sleep, sweep and
+wake_steps>. Re-running in the same workdir (after a crash, or with other
+runs) reuses it and keeps every run that results.json already holds for the
+same settings and the same teacher and student recall before seeding (the
+same base model); earlier runs not asked for stay under `other_runs`. An
+earlier results.json of other settings is renamed to
+results.json.earlier-<time>, never overwritten. `recovered` is the student's
+new-fact recall after seeding over the teacher's; `base_vs_teacher` /
+`base_vs_before` the change of base recall against the teacher and against
+the student before seeding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -108,7 +114,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   results = {'teacher': recall(*teacher), 'student_before': recall(*cleared),
              'chance': 1.0 / 12, 'runs': [], 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
-  metrics_lib.set_aside(results_path)  # rewritten run by run from here on
+  earlier = metrics_lib.earlier_results(
+      results_path, config, ('sweep', 'sleep'),
+      {'teacher': results['teacher'],
+       'student_before': results['student_before']}) or {}
+  done = earlier.get('runs', []) + earlier.get('other_runs', [])
   print(f"teacher recall: new {results['teacher']['new']:.3f}, base "
         f"{results['teacher']['base']:.3f}; student before seeding: new "
         f"{results['student_before']['new']:.3f}, base "
@@ -116,8 +126,22 @@ def run(config, workdir: str) -> dict[str, Any]:
   replay = {'tokens': passages['inputs'],
             'lengths': passages['mask'].sum(axis=1).astype(np.int32)}
   tok = world.tokenizer
+  # Earlier runs of this base not asked for now stay in the file, apart.
+  other_runs = lambda now: [e for e in done if e['sleep'] not in
+                            [r['sleep'] for r in now]]
+  results['other_runs'] = other_runs([])
   judges = {}
   for cfg in runs:
+    label = _label(cfg)
+    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    kept = [e for e in done if e['sleep'] == settings]
+    if kept:
+      results['runs'].append(dict(kept[0], label=label))
+      results['other_runs'] = other_runs(results['runs'])
+      results['seconds'] = time.perf_counter() - t_start
+      metrics_lib.write_json(results_path, results)
+      print(f'[{label}] kept from {results_path}', flush=True)
+      continue
     if cfg.judge not in judges:
       judges[cfg.judge] = rewards.make_judge(
           cfg.judge, threshold=cfg.judge_threshold, teacher=(model, *teacher),
@@ -129,7 +153,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         eos_id=tok.eos_id, pad_id=tok.pad_id, judge=judges[cfg.judge],
         decode=tok.decode, mesh=mesh, rules=rules)
     after = recall(out.params, out.model_state)
-    entry = {'sleep': dataclasses.asdict(cfg), 'label': _label(cfg),
+    entry = {'sleep': dataclasses.asdict(cfg), 'label': label,
              'recall': after,
              'recovered': after['new'] / max(results['teacher']['new'], 1e-9),
              'base_vs_teacher': after['base'] - results['teacher']['base'],
@@ -137,6 +161,7 @@ def run(config, workdir: str) -> dict[str, Any]:
              'seconds': time.perf_counter() - t0,
              'final_metrics': out.metrics[-1]}
     results['runs'].append(entry)
+    results['other_runs'] = other_runs(results['runs'])
     results['seconds'] = time.perf_counter() - t_start
     metrics_lib.write_json(results_path, results)  # a later crash keeps it
     print(f"[{entry['label']}] new {after['new']:.3f} "

@@ -12,10 +12,15 @@
 3. After every session: closed-book recall ("<Name> lives in" -> city) on the
    people of every session so far, and on the base population.
 
-Writes results.json (accuracy matrices per method, after each method; an
-earlier one is renamed results.json.earlier-<time>) and prints a table. The
-base model is saved in workdir/base/<hash of the config apart from
-`methods`>; a re-run reuses it.
+Writes results.json (accuracy matrices per method, after each method, and
+`base_recall`: the base model's recall of the base population before any
+method) and prints a table. The base model is saved in workdir/base/<hash of
+the config apart from `methods`>. Re-running in the same workdir (after a
+crash, or with other methods) reuses it and keeps every method that
+results.json already holds for the same settings and the same `base_recall`
+(the same base model); earlier methods not asked for stay under
+`other_methods`. An earlier results.json of other settings is renamed to
+results.json.earlier-<time>, never overwritten.
 """
 
 from __future__ import annotations
@@ -109,10 +114,25 @@ def run(config, workdir: str) -> dict[str, Any]:
   wake_shardings = wake.wake_state_shardings(model, mesh, rules, example)
   wake_step = wake.compile_wake_step(model, wake_shardings, mesh, rules)
 
-  results = {'methods': {}, 'config': config.to_dict()}
+  results = {'base_recall': eval_lib.recall_accuracy(model, params,
+                                                      model_state, evals[-1]),
+             'methods': {}, 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
-  metrics_lib.set_aside(results_path)  # rewritten method by method from here
+  earlier = metrics_lib.earlier_results(
+      results_path, config, ('methods',),
+      {'base_recall': results['base_recall']}) or {}
+  done = {**earlier.get('other_methods', {}), **earlier.get('methods', {})}
+  # Earlier methods of this base not asked for now stay in the file, apart.
+  other_methods = lambda: {m: r for m, r in done.items()
+                           if m not in results['methods']}
+  results['other_methods'] = other_methods()
   for method in config.methods:
+    if method in done:
+      results['methods'][method] = done[method]
+      results['other_methods'] = other_methods()
+      metrics_lib.write_json(results_path, results)
+      print(f'[{method}] kept from {results_path}', flush=True)
+      continue
     acc, base_acc = _live_through_stream(
         method, model, params, model_state, config, sessions, evals,
         wake_step, wake_shardings)
@@ -123,6 +143,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         if len(last) > 1 else None,
         'final_recall_all_sessions': float(np.mean(last)),
         'chance': 1.0 / len(facts.ATTRIBUTES['city'])}
+    results['other_methods'] = other_methods()
     results['seconds'] = time.perf_counter() - t_start
     metrics_lib.write_json(results_path, results)  # a later crash keeps it
   results['seconds'] = time.perf_counter() - t_start

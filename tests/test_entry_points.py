@@ -81,17 +81,30 @@ def test_dreaming_benchmark_prints_both_ways_and_the_ratio_last():
                       lines[-1])
 
 
-def test_cms_recall_smoke_writes_results(tmp_path):
-  proc = _run('experiments.cms_recall',
-              '--config=experiments/configs/cms_recall.py:smoke',
-              f'--workdir={tmp_path}')
+def test_cms_recall_smoke_writes_results(tmp_path, compilation_cache):
+  args = ['experiments.cms_recall',
+          '--config=experiments/configs/cms_recall.py:smoke',
+          f'--workdir={tmp_path}']
+  proc = _run(*args, env=compilation_cache)
   results = json.load(open(tmp_path / 'results.json'))
   for method in ('frozen', 'online'):
     acc = results['methods'][method]['acc_matrix']
     assert len(acc) == 2 and acc[0][1] is None and 0 <= acc[1][0] <= 1
+  assert 0 <= results['base_recall'] <= 1
   assert 'method   | recall' in proc.stdout
   base, = os.listdir(tmp_path / 'base')  # kept for a re-run
   assert os.path.isdir(tmp_path / 'base' / base / 'params')
+  # Run again (as after a crash): the base model is restored, not retrained,
+  # and the finished methods are kept, not lived through again.
+  again = _run(*args, env=compilation_cache)
+  assert 'reusing the base model' in again.stdout
+  assert 'base step' not in again.stdout
+  assert 'after session' not in again.stdout
+  for method in ('frozen', 'online'):
+    assert f'[{method}] kept from' in again.stdout
+  rerun = json.load(open(tmp_path / 'results.json'))
+  assert rerun['methods'] == results['methods']
+  assert rerun['base_recall'] == results['base_recall']
 
 
 def test_tiny_lm_cms_variants_and_bad_levels_fail_early():
@@ -112,10 +125,12 @@ def test_tiny_lm_cms_variants_and_bad_levels_fail_early():
   assert proc.returncode != 0 and 'cms_levels' in proc.stderr
 
 
-def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
-  proc = _run('experiments.seeding',
-              '--config=experiments/configs/seeding.py:smoke',
-              '--config.sleep.alpha=0.5', f'--workdir={tmp_path}')
+def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(
+    tmp_path, compilation_cache):
+  args = ['experiments.seeding',
+          '--config=experiments/configs/seeding.py:smoke',
+          '--config.sleep.alpha=0.5', f'--workdir={tmp_path}']
+  proc = _run(*args, env=compilation_cache)
   results = json.load(open(tmp_path / 'results.json'))
   run, = results['runs']
   assert run['sleep']['alpha'] == 0.5
@@ -123,6 +138,16 @@ def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   assert 'setting ' in proc.stdout and '% of teacher' in proc.stdout
   base, = os.listdir(tmp_path / 'base')  # kept for a re-run
   assert os.path.isdir(tmp_path / 'base' / base / 'params')
+  # Run again (as after a crash): the base model is restored, not retrained,
+  # and the finished run is kept, not seeded again.
+  again = _run(*args, env=compilation_cache)
+  assert 'reusing the base model' in again.stdout
+  assert 'base step' not in again.stdout
+  assert f"[{run['label']}] kept from" in again.stdout
+  assert f"[{run['label']}] new " not in again.stdout
+  rerun = json.load(open(tmp_path / 'results.json'))
+  assert rerun['runs'] == results['runs']
+  assert rerun['teacher'] == results['teacher']
   proc = _run('experiments.seeding',
               '--config=experiments/configs/seeding.py:smoke',
               '--config.sleep.alpha=2', '--workdir=/tmp/unused', check=False)

@@ -1,9 +1,11 @@
-"""Loss, the trainer loop, exact resume, NaN errors and early config checks."""
+"""Loss, the trainer loop, exact resume, NaN errors, early config checks and
+which earlier results a re-run keeps."""
 
 import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -142,6 +144,36 @@ def test_divergence_names_the_step_and_metric(tmp_path):
 def test_check_finite_names_metric():
   with pytest.raises(FloatingPointError, match="step 7: metric 'grad_norm' is inf"):
     metrics.check_finite(7, {'loss': 1.0, 'grad_norm': float('inf')})
+
+
+def test_earlier_results_kept_only_for_the_same_settings(tmp_path):
+  config = ml_collections.ConfigDict(dict(seed=0, widths=(8, 16), runs=[]))
+  earlier = {'config': config.to_dict(), 'before': {'new': 0.25},
+             'runs': [{'a': 1}]}
+  as_json = json.loads(json.dumps(earlier))  # (8, 16) -> [8, 16]
+  assert metrics.earlier_results(str(tmp_path / 'none.json'), config, (),
+                                 {}) is None
+  # The runs asked for differ, but they are ignored: kept, the file stays.
+  config.runs = [{'a': 2}]
+  path = str(tmp_path / 'results.json')
+  metrics.write_json(path, earlier)
+  assert metrics.earlier_results(path, config, ('runs',),
+                                 {'before': {'new': 0.25}}) == as_json
+  assert os.listdir(tmp_path) == ['results.json']
+  # Another setting, or another value measured before the runs: set aside
+  # whole, not kept.
+  for i, (changes, same) in enumerate([(dict(seed=1), {'new': 0.25}),
+                                       (dict(widths=(8,)), {'new': 0.25}),
+                                       ({}, {'new': 0.5})]):
+    os.makedirs(tmp_path / str(i))
+    path = str(tmp_path / str(i) / 'results.json')
+    metrics.write_json(path, earlier)
+    changed = ml_collections.ConfigDict(dict(config.to_dict(), **changes))
+    assert metrics.earlier_results(path, changed, ('runs',),
+                                   {'before': same}) is None
+    aside, = os.listdir(tmp_path / str(i))
+    assert aside.startswith('results.json.earlier-')
+    assert json.load(open(tmp_path / str(i) / aside)) == as_json
 
 
 @pytest.mark.parametrize('overrides, message', [
