@@ -22,9 +22,12 @@ run the rounds, recall and examples of accepted dreams; a line per run is
 printed, and dreaming.png plots them at the end. Re-running in the same
 workdir (after a crash, or with other runs) restores the base model from
 workdir/base/<hash of its config> and keeps every run that results.json
-already holds for the same settings; earlier runs not asked for stay under
-`other_runs`. An earlier results.json of other settings is renamed to
-results.json.earlier-<time>, never overwritten.
+already holds for the same settings and the same base model (`base_model`:
+its arrays' hash, backend and matmul precision); earlier runs not asked for
+stay under `other_runs`. An earlier results.json of other settings or
+another base model is renamed to results.json.earlier-<time>, never
+overwritten. The code is not compared: after changing it, use a new
+workdir.
 """
 
 from __future__ import annotations
@@ -108,13 +111,15 @@ def _label(cfg: dreaming.DreamingConfig, base: dreaming.DreamingConfig) -> str:
 _AFTER_BASE_KEYS = ('dreaming', 'runs', 'prompt_width', 'rehearse_level')
 
 
-def _earlier_runs(results_path: str, config, before) -> list[dict]:
+def _earlier_runs(results_path: str, config, results) -> list[dict]:
   """The runs of an earlier results.json in this workdir that can be kept:
   same settings apart from `runs` and `dreaming` (each run records its own
-  DreamingConfig), and the same recall before dreaming (the same base model).
-  Any other earlier file is set aside whole, not overwritten."""
+  DreamingConfig), the same base model (`fact_world.fingerprint`) and the
+  same recall before dreaming. Any other earlier file is set aside whole,
+  not overwritten."""
   earlier = metrics_lib.earlier_results(
-      results_path, config, ('runs', 'dreaming'), {'before': before})
+      results_path, config, ('runs', 'dreaming'),
+      {k: results[k] for k in ('base_model', 'before')})
   if earlier is None:
     return []
   return earlier.get('runs', []) + earlier.get('other_runs', [])
@@ -152,15 +157,16 @@ def run(config, workdir: str) -> dict[str, Any]:
       lambda: fact_world.train_base(
           model, config, data, mesh, rules,
           experts_per_level=[int(n) for n in config.base_experts]))
+  base_model = fact_world.fingerprint(params, model_state)
   level = int(config.rehearse_level)
   params, model_state, slot = growth.grow(params, model_state, level,
                                           jax.random.key(config.seed + 1))
   recall = lambda p: {k: eval_lib.recall_accuracy(model, p, model_state, v)
                       for k, v in evals.items()}
-  results = {'before': recall(params), 'chance': 1.0 / 12, 'runs': [],
-             'config': config.to_dict()}
+  results = {'before': recall(params), 'base_model': base_model,
+             'chance': 1.0 / 12, 'runs': [], 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
-  done = _earlier_runs(results_path, config, results['before'])
+  done = _earlier_runs(results_path, config, results)
   print(f"before dreaming: new {results['before']['new']:.3f}, base "
         f"{results['before']['base']:.3f}", flush=True)
   base_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())

@@ -145,6 +145,22 @@ def base_dir(workdir: str, config, not_base_keys) -> str:
       {k: v for k, v in config.to_dict().items() if k not in not_base_keys}))
 
 
+def fingerprint(params, model_state) -> dict[str, str]:
+  """What identifies a base model's numbers in a study's results.json: a
+  SHA-256 of every array (restored from its checkpoint, or retrained), and
+  the backend and matmul precision that evaluate it. Recall alone cannot
+  tell two well-trained base models apart (both score 1.0)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      jax.device_get((params, model_state))):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}'
+                  .encode())
+    digest.update(leaf.tobytes())
+  return {'sha256': digest.hexdigest(), 'backend': jax.default_backend(),
+          'matmul_precision': str(jax.config.jax_default_matmul_precision)}
+
+
 def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
   """(params, model_state) from `directory` if a run saved them there, else
   `train()`'s, saved there first.

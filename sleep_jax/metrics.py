@@ -27,7 +27,10 @@ def set_aside(path: str, log=print) -> str | None:
   run about to rewrite it piece by piece cannot lose an earlier complete one."""
   if not os.path.exists(path):
     return None
-  aside = f"{path}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+  aside = stem = f"{path}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+  n = 1
+  while os.path.exists(aside):  # two set aside within one second
+    aside, n = f'{stem}.{n}', n + 1
   os.replace(path, aside)
   log(f'moved the earlier {os.path.basename(path)} to {aside}')
   return aside

@@ -18,10 +18,12 @@ Writes results.json (after each run) and prints a table. The base model is
 saved in workdir/base/<hash of the config apart from sleep, sweep and
 wake_steps>. Re-running in the same workdir (after a crash, or with other
 runs) reuses it and keeps every run that results.json already holds for the
-same settings and the same teacher and student recall before seeding (the
-same base model); earlier runs not asked for stay under `other_runs`. An
-earlier results.json of other settings is renamed to
-results.json.earlier-<time>, never overwritten. `recovered` is the student's
+same settings, the same base model (`base_model`: its arrays' hash, backend
+and matmul precision) and the same teacher and student recall before
+seeding; earlier runs not asked for stay under `other_runs`. An earlier
+results.json of other settings or another base model is renamed to
+results.json.earlier-<time>, never overwritten. The code is not compared:
+after changing it, use a new workdir. `recovered` is the student's
 new-fact recall after seeding over the teacher's; `base_vs_teacher` /
 `base_vs_before` the change of base recall against the teacher and against
 the student before seeding.
@@ -112,12 +114,13 @@ def run(config, workdir: str) -> dict[str, Any]:
                          for k, v in evals.items()}
   cleared = growth.reset(*teacher, 0, growth.active_slots(teacher[1], 0))
   results = {'teacher': recall(*teacher), 'student_before': recall(*cleared),
+             'base_model': fact_world.fingerprint(params, model_state),
              'chance': 1.0 / 12, 'runs': [], 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
   earlier = metrics_lib.earlier_results(
       results_path, config, ('sweep', 'sleep'),
-      {'teacher': results['teacher'],
-       'student_before': results['student_before']}) or {}
+      {k: results[k] for k in ('base_model', 'teacher', 'student_before')}
+  ) or {}
   done = earlier.get('runs', []) + earlier.get('other_runs', [])
   print(f"teacher recall: new {results['teacher']['new']:.3f}, base "
         f"{results['teacher']['base']:.3f}; student before seeding: new "
@@ -142,18 +145,19 @@ def run(config, workdir: str) -> dict[str, Any]:
       metrics_lib.write_json(results_path, results)
       print(f'[{label}] kept from {results_path}', flush=True)
       continue
-    if cfg.judge not in judges:
-      judges[cfg.judge] = rewards.make_judge(
+    judge = (cfg.judge, cfg.judge_threshold)
+    if judge not in judges:
+      judges[judge] = rewards.make_judge(
           cfg.judge, threshold=cfg.judge_threshold, teacher=(model, *teacher),
           tokenizer=tok)
     t0 = time.perf_counter()
     out = seeding.consolidate(
         model, *teacher, level=1, replay=replay, cfg=cfg,
         rng=jax.random.key(config.seed + 3), bos_id=tok.bos_id,
-        eos_id=tok.eos_id, pad_id=tok.pad_id, judge=judges[cfg.judge],
+        eos_id=tok.eos_id, pad_id=tok.pad_id, judge=judges[judge],
         decode=tok.decode, mesh=mesh, rules=rules)
     after = recall(out.params, out.model_state)
-    entry = {'sleep': dataclasses.asdict(cfg), 'label': label,
+    entry = {'sleep': settings, 'label': label,
              'recall': after,
              'recovered': after['new'] / max(results['teacher']['new'], 1e-9),
              'base_vs_teacher': after['base'] - results['teacher']['base'],

@@ -17,10 +17,12 @@ Writes results.json (accuracy matrices per method, after each method, and
 method) and prints a table. The base model is saved in workdir/base/<hash of
 the config apart from `methods`>. Re-running in the same workdir (after a
 crash, or with other methods) reuses it and keeps every method that
-results.json already holds for the same settings and the same `base_recall`
-(the same base model); earlier methods not asked for stay under
-`other_methods`. An earlier results.json of other settings is renamed to
-results.json.earlier-<time>, never overwritten.
+results.json already holds for the same settings and the same base model
+(`base_model`: its arrays' hash, backend and matmul precision; and
+`base_recall`); earlier methods not asked for stay under `other_methods`.
+An earlier results.json of other settings or another base model is renamed
+to results.json.earlier-<time>, never overwritten. The code is not
+compared: after changing it, use a new workdir.
 """
 
 from __future__ import annotations
@@ -114,13 +116,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   wake_shardings = wake.wake_state_shardings(model, mesh, rules, example)
   wake_step = wake.compile_wake_step(model, wake_shardings, mesh, rules)
 
-  results = {'base_recall': eval_lib.recall_accuracy(model, params,
-                                                      model_state, evals[-1]),
+  results = {'base_model': fact_world.fingerprint(params, model_state),
+             'base_recall': eval_lib.recall_accuracy(model, params,
+                                                     model_state, evals[-1]),
              'methods': {}, 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
   earlier = metrics_lib.earlier_results(
       results_path, config, ('methods',),
-      {'base_recall': results['base_recall']}) or {}
+      {k: results[k] for k in ('base_model', 'base_recall')}) or {}
   done = {**earlier.get('other_methods', {}), **earlier.get('methods', {})}
   # Earlier methods of this base not asked for now stay in the file, apart.
   other_methods = lambda: {m: r for m, r in done.items()

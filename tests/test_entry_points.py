@@ -104,6 +104,8 @@ def test_cms_recall_smoke_writes_results(tmp_path, compilation_cache):
     assert f'[{method}] kept from' in again.stdout
   rerun = json.load(open(tmp_path / 'results.json'))
   assert rerun['methods'] == results['methods']
+  assert rerun['other_methods'] == {}
+  assert rerun['base_model'] == results['base_model']
   assert rerun['base_recall'] == results['base_recall']
 
 
@@ -146,8 +148,9 @@ def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(
   assert f"[{run['label']}] kept from" in again.stdout
   assert f"[{run['label']}] new " not in again.stdout
   rerun = json.load(open(tmp_path / 'results.json'))
-  assert rerun['runs'] == results['runs']
+  assert rerun['runs'] == results['runs'] and rerun['other_runs'] == []
   assert rerun['teacher'] == results['teacher']
+  assert rerun['base_model'] == results['base_model']
   proc = _run('experiments.seeding',
               '--config=experiments/configs/seeding.py:smoke',
               '--config.sleep.alpha=2', '--workdir=/tmp/unused', check=False)
@@ -199,25 +202,33 @@ def test_dreaming_study_keeps_earlier_runs_only_of_the_same_base(tmp_path):
   from sleep_jax import metrics
   config = dreaming_config.get_config('smoke')
   path = str(tmp_path / 'results.json')
+  base = {'sha256': 'ab', 'backend': 'cpu', 'matmul_precision': 'None'}
   earlier = {'config': config.to_dict(), 'before': {'new': 0.25, 'base': 0.5},
-             'runs': [{'dreaming': {'rounds': 1}}],
+             'base_model': base, 'runs': [{'dreaming': {'rounds': 1}}],
              'other_runs': [{'dreaming': {'rounds': 2}}]}
+  now = {k: earlier[k] for k in ('before', 'base_model')}
   metrics.write_json(path, earlier)
   # Other runs asked for, other dreaming defaults: every earlier run counts.
   config.runs = [dict(rounds=3)]
   config.dreaming.keep_top = 2
-  assert dreaming_study._earlier_runs(path, config, earlier['before']) == [
+  assert dreaming_study._earlier_runs(path, config, now) == [
       {'dreaming': {'rounds': 1}}, {'dreaming': {'rounds': 2}}]
-  # Another base model (recall before differs): set aside whole, none kept.
-  assert dreaming_study._earlier_runs(path, config, {'new': 0.3,
-                                                     'base': 0.5}) == []
-  aside, = [f for f in os.listdir(tmp_path) if f != 'results.json']
-  assert aside.startswith('results.json.earlier-') and not os.path.exists(path)
-  assert json.load(open(tmp_path / aside)) == json.loads(json.dumps(earlier))
+  # Another base model (recall before differs, or its arrays): set aside
+  # whole, none kept.
+  for other in (dict(now, before={'new': 0.3, 'base': 0.5}),
+                dict(now, base_model=dict(base, sha256='cd'))):
+    metrics.write_json(path, earlier)
+    assert dreaming_study._earlier_runs(path, config, other) == []
+    assert not os.path.exists(path)
+  asides = [f for f in os.listdir(tmp_path) if f != 'results.json']
+  assert len(asides) == 2, asides  # the same second: not overwritten
+  for aside in asides:
+    assert aside.startswith('results.json.earlier-')
+    assert json.load(open(tmp_path / aside)) == json.loads(json.dumps(earlier))
   # Other settings apart from runs/dreaming: likewise.
   metrics.write_json(path, earlier)
   config.prompt_width = 95
-  assert dreaming_study._earlier_runs(path, config, earlier['before']) == []
+  assert dreaming_study._earlier_runs(path, config, now) == []
   assert not os.path.exists(path)
 
 

@@ -176,6 +176,23 @@ def test_earlier_results_kept_only_for_the_same_settings(tmp_path):
     assert json.load(open(tmp_path / str(i) / aside)) == as_json
 
 
+def test_base_fingerprint_survives_a_checkpoint_and_sees_any_change(tmp_path):
+  from sleep_jax import fact_world
+  params = {'dense': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  state = {'counts': np.zeros((4,), np.int32)}
+  trained = fact_world.restore_or_train(str(tmp_path), lambda: (params, state))
+  restored = fact_world.restore_or_train(
+      str(tmp_path), lambda: pytest.fail('retrained instead of restored'))
+  mark = fact_world.fingerprint(*trained)
+  assert fact_world.fingerprint(*restored) == mark
+  assert mark['backend'] == jax.default_backend()
+  changed = {'dense': {'kernel': params['dense']['kernel'].copy()}}
+  changed['dense']['kernel'][1, 2] += 1e-6
+  assert fact_world.fingerprint(changed, state)['sha256'] != mark['sha256']
+  renamed = {'dense': {'bias': params['dense']['kernel']}}
+  assert fact_world.fingerprint(renamed, state)['sha256'] != mark['sha256']
+
+
 @pytest.mark.parametrize('overrides, message', [
     ({'model.num_heads': 3}, 'num_heads=3 must be a multiple of num_kv_heads=2'),
     ({'model.d_model': 60, 'model.num_kv_heads': 1, 'model.num_heads': 8},
