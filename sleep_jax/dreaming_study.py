@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -171,17 +170,15 @@ def run(config, workdir: str) -> dict[str, Any]:
         f"{results['before']['base']:.3f}", flush=True)
   base_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
   tok = world.tokenizer
-  # Earlier runs of this base not asked for now stay in the file, apart.
-  other_runs = lambda now: [e for e in done if e['dreaming'] not in
-                            [r['dreaming'] for r in now]]
-  results['other_runs'] = other_runs([])
+  results['other_runs'] = done
   for cfg, tasks in zip(runs, run_tasks):
     label = _label(cfg, base_cfg)
-    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    earlier = [e for e in done if e['dreaming'] == settings]
+    settings = metrics_lib.as_json(dataclasses.asdict(cfg))
+    earlier = metrics_lib.kept_run(done, 'dreaming', settings)
     if earlier:
-      results['runs'].append(dict(earlier[0], label=label))
-      results['other_runs'] = other_runs(results['runs'])
+      results['runs'].append(dict(earlier, label=label))
+      results['other_runs'] = metrics_lib.runs_not_asked(
+          done, results['runs'], 'dreaming')
       metrics_lib.write_json(results_path, results)
       print(f'[{label}] kept from {results_path}', flush=True)
       continue
@@ -192,7 +189,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                          slots=[slot], bos_id=tok.bos_id, eos_id=tok.eos_id,
                          pad_id=tok.pad_id, seed=config.seed, on_round=on_round)
     after = recall(out.params)
-    entry = {'dreaming': dataclasses.asdict(cfg), 'label': label,
+    entry = {'dreaming': settings, 'label': label,
              'rounds': out.rounds, 'recall': after,
              'new_gain': after['new'] - results['before']['new'],
              'base_change': after['base'] - results['before']['base'],
@@ -203,7 +200,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                                       out.accepted['mask'][:8])],
              'seconds': time.perf_counter() - t0}
     results['runs'].append(entry)
-    results['other_runs'] = other_runs(results['runs'])
+    results['other_runs'] = metrics_lib.runs_not_asked(
+        done, results['runs'], 'dreaming')
     results['seconds'] = time.perf_counter() - t_start
     metrics_lib.write_json(results_path, results)  # a later crash keeps it
     fractions = ' -> '.join(f"{r['reward_fraction']:.2f}" for r in out.rounds)

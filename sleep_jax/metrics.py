@@ -36,6 +36,26 @@ def set_aside(path: str, log=print) -> str | None:
   return aside
 
 
+def as_json(value):
+  """`value` as it reads back from a JSON file (tuples become lists), so it
+  compares equal to what an earlier results.json holds."""
+  return json.loads(json.dumps(value))
+
+
+def kept_run(done: list[dict], key: str, settings) -> dict | None:
+  """The entry of `done` (an earlier results.json's runs) recorded with
+  these `settings` under `key`, if any."""
+  settings = as_json(settings)
+  return next((e for e in done if e[key] == settings), None)
+
+
+def runs_not_asked(done: list[dict], runs: list[dict], key: str) -> list[dict]:
+  """The entries of `done` whose settings under `key` no entry of `runs`
+  has: earlier runs a re-run keeps in the file apart (`other_runs`)."""
+  asked = [r[key] for r in runs]
+  return [e for e in done if e[key] not in asked]
+
+
 def earlier_results(path: str, config, ignore, same) -> dict | None:
   """The earlier results file at `path` (a study's results.json) if a re-run
   may keep what it holds, else None.
@@ -51,7 +71,6 @@ def earlier_results(path: str, config, ignore, same) -> dict | None:
     return None
   with open(path) as f:
     earlier = json.load(f)
-  as_json = lambda v: json.loads(json.dumps(v))  # tuples become lists
   settings = lambda c: {k: v for k, v in c.items() if k not in ignore}
   now = settings(as_json(config.to_dict()))
   if (settings(earlier.get('config', {})) == now

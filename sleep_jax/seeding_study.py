@@ -32,7 +32,6 @@ the student before seeding.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -129,18 +128,16 @@ def run(config, workdir: str) -> dict[str, Any]:
   replay = {'tokens': passages['inputs'],
             'lengths': passages['mask'].sum(axis=1).astype(np.int32)}
   tok = world.tokenizer
-  # Earlier runs of this base not asked for now stay in the file, apart.
-  other_runs = lambda now: [e for e in done if e['sleep'] not in
-                            [r['sleep'] for r in now]]
-  results['other_runs'] = other_runs([])
+  results['other_runs'] = done
   judges = {}
   for cfg in runs:
     label = _label(cfg)
-    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    kept = [e for e in done if e['sleep'] == settings]
+    settings = metrics_lib.as_json(dataclasses.asdict(cfg))
+    kept = metrics_lib.kept_run(done, 'sleep', settings)
     if kept:
-      results['runs'].append(dict(kept[0], label=label))
-      results['other_runs'] = other_runs(results['runs'])
+      results['runs'].append(dict(kept, label=label))
+      results['other_runs'] = metrics_lib.runs_not_asked(
+          done, results['runs'], 'sleep')
       results['seconds'] = time.perf_counter() - t_start
       metrics_lib.write_json(results_path, results)
       print(f'[{label}] kept from {results_path}', flush=True)
@@ -165,7 +162,8 @@ def run(config, workdir: str) -> dict[str, Any]:
              'seconds': time.perf_counter() - t0,
              'final_metrics': out.metrics[-1]}
     results['runs'].append(entry)
-    results['other_runs'] = other_runs(results['runs'])
+    results['other_runs'] = metrics_lib.runs_not_asked(
+        done, results['runs'], 'sleep')
     results['seconds'] = time.perf_counter() - t_start
     metrics_lib.write_json(results_path, results)  # a later crash keeps it
     print(f"[{entry['label']}] new {after['new']:.3f} "

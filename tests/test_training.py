@@ -176,6 +176,17 @@ def test_earlier_results_kept_only_for_the_same_settings(tmp_path):
     assert json.load(open(tmp_path / str(i) / aside)) == as_json
 
 
+def test_kept_run_matches_settings_as_json_reads_them_back():
+  done = [{'sleep': {'alpha': 0.5, 'widths': [8, 16]}, 'recall': 0.7},
+          {'sleep': {'alpha': 1.0, 'widths': [8]}, 'recall': 0.9}]
+  assert metrics.kept_run(done, 'sleep', {'alpha': 1.0, 'widths': (8,)}) is (
+      done[1])
+  assert metrics.kept_run(done, 'sleep', {'alpha': 1.0, 'widths': (16,)}) is None
+  asked = [{'sleep': {'alpha': 0.5, 'widths': [8, 16]}, 'recall': 0.1}]
+  assert metrics.runs_not_asked(done, asked, 'sleep') == [done[1]]
+  assert metrics.runs_not_asked(done, [], 'sleep') == done
+
+
 def test_base_fingerprint_survives_a_checkpoint_and_sees_any_change(tmp_path):
   from sleep_jax import fact_world
   params = {'dense': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}}
