@@ -9,7 +9,13 @@ Each trains on one session's rows in one compiled `lax.scan` over host-drawn
 * `lora_finetune`: one LoRA adapter (unmerged, through the model's 'lora'
   collection) that keeps training from session to session;
 * `fisher_diagonal`: the empirical Fisher's diagonal on a session's rows, for
-  online EWC (the caller sums it over sessions and moves the anchor).
+  online EWC (the caller sums it over sessions and moves the anchor);
+* `self_samples`: BOS continuations sampled by a frozen model, the rows of
+  the self-distillation anchor (LwF-style, Li & Hoiem 2017): with
+  `self_anchor`, `finetune` adds weight * JSD(frozen model || model) on them,
+  the same term Sleep's consolidation adds (sleep_jax.seeding). The frozen
+  model is fixed for the whole session, so its samples are drawn once, up
+  front, and nothing is stored across sessions.
 
 Inactive CMS experts have zero gradient, and Adam without weight decay leaves
 them at exactly zero, so growth state stays meaningful under fine-tuning.
@@ -26,9 +32,12 @@ import numpy as np
 import optax
 
 from sleep_jax import metrics as metrics_lib
+from sleep_jax import sampling
+from sleep_jax.divergences import generalized_jsd
 from sleep_jax.models import lora
 from sleep_jax.models.layers import LORA_COLLECTION
 from sleep_jax.models.transformer import variables
+from sleep_jax.sequences import join
 from sleep_jax.training import next_token_loss
 
 
@@ -55,14 +64,41 @@ def _loss(model, params, model_state, batch, adapter=None, lora_cfg=None):
   return next_token_loss(logits, batch['targets'], batch['mask'])[0]
 
 
+def self_samples(model: nn.Module, params, model_state, *, steps: int,
+                 batch_size: int, max_new_tokens: int, rng, bos_id: int,
+                 eos_id: int | None, pad_id: int, temperature: float = 1.0
+                 ) -> dict:
+  """[steps, batch_size, 1 + max_new_tokens] BOS continuations sampled by
+  (params, model_state), joined with BOS: {'tokens', 'mask'} (mask marks the
+  positions that predict a sampled token)."""
+  n = steps * batch_size
+  prompts = np.full((n, 1), bos_id, np.int32)
+  out = sampling.sample(model, params, prompts, np.ones((n,), np.int32),
+                        max_new_tokens=max_new_tokens, rng=rng,
+                        temperature=temperature, eos_id=eos_id, pad_id=pad_id,
+                        model_state=model_state)
+  tokens, mask = join(jnp.asarray(prompts), jnp.ones((n,), jnp.int32),
+                      out.tokens, out.lengths, pad_id=pad_id)
+  shape = (steps, batch_size, tokens.shape[1])
+  return {'tokens': np.asarray(tokens).reshape(shape),
+          'mask': np.asarray(mask).reshape(shape)}
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _finetune(model, params, model_state, batches, learning_rate, anchor,
-              fisher, ewc_weight):
+              fisher, ewc_weight, self_anchor):
   tx = optax.adam(learning_rate)
 
   def loss_fn(p, batch):
     loss = _loss(model, p, model_state, batch)
-    if fisher is None:  # plain fine-tuning: no penalty term in the program
+    if self_anchor is not None:
+      frozen = jax.lax.stop_gradient(model.apply(
+          variables(self_anchor['params'], self_anchor['model_state']),
+          batch['anchor_tokens']))
+      loss += self_anchor['weight'] * generalized_jsd(
+          model.apply(variables(p, model_state), batch['anchor_tokens']),
+          frozen, batch['anchor_mask'], beta=0.5)
+    if fisher is None:  # no EWC: no penalty term in the program
       return loss
     penalty = sum(jnp.sum(f * (x - a) ** 2) for f, x, a in zip(
         jax.tree.leaves(fisher), jax.tree.leaves(p), jax.tree.leaves(anchor)))
@@ -80,14 +116,26 @@ def _finetune(model, params, model_state, batches, learning_rate, anchor,
 
 def finetune(model: nn.Module, params, model_state, batches: dict, *,
              learning_rate: float, anchor=None, fisher=None,
-             ewc_weight: float = 0.0):
+             ewc_weight: float = 0.0, self_anchor: dict | None = None):
   """Adam on every parameter over `batches` ([S, B, L] inputs/targets/mask).
-  With `fisher` and `anchor` (params-shaped) adds the EWC penalty. Returns
-  (params, per-step losses)."""
+  With `fisher` and `anchor` (params-shaped) adds the EWC penalty. With
+  `self_anchor` = {'params', 'model_state', 'weight', 'rows'} (rows from
+  `self_samples`, one [B', L'] batch per step) adds weight * JSD(that model
+  || model) on them. Returns (params, per-step losses)."""
+  batches = dict(batches)
+  if self_anchor is not None:
+    rows = self_anchor['rows']
+    if len(rows['tokens']) != len(batches['inputs']):
+      raise ValueError(f'self_anchor has {len(rows["tokens"])} batches of '
+                       f'rows for {len(batches["inputs"])} steps.')
+    batches.update(anchor_tokens=rows['tokens'], anchor_mask=rows['mask'])
+    self_anchor = {'params': self_anchor['params'],
+                   'model_state': self_anchor['model_state'],
+                   'weight': jnp.float32(self_anchor['weight'])}
   params, losses = _finetune(model, params, model_state,
                              jax.tree.map(jnp.asarray, batches),
                              jnp.float32(learning_rate), anchor, fisher,
-                             jnp.float32(ewc_weight))
+                             jnp.float32(ewc_weight), self_anchor)
   losses = np.asarray(losses)
   metrics_lib.check_finite(len(losses), {'finetune_loss': losses[-1]})
   return params, losses

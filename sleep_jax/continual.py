@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -137,9 +138,37 @@ def _sentences(records) -> list[str]:
   return [s for r in records for s in re.split(r'(?<=\.) ', r['text'])]
 
 
-def load_world(config, parsed, workdir: str, tokenizer_path: str):
-  """(tokenizer, base rows, base items, [lifecycle.Session]) from the TFDS
-  world; the tokenizer is trained once and kept next to the base model."""
+@dataclasses.dataclass
+class World:
+  """The job's world as arrays.
+
+  base_rows: what the base model trains on (base-population passages,
+    `closed_book_repeats` times, and reading documents);
+  base_replay: the base population's passage sentences as wake-width rows
+    (only the `replay_all` oracle stores them);
+  base_items: held-out items of the base population (evaluation only);
+  sessions: one `lifecycle.Session` per session.
+  """
+  tokenizer: Any
+  base_rows: dict
+  base_replay: dict
+  base_items: dict
+  sessions: list
+
+
+def _items(tokenizer, records, split: str, seq_len: int):
+  return eval_lib.encode_items(
+      tokenizer, [(r['prompt'], r['answer']) for r in records
+                  if r['split'] == split], seq_len)
+
+
+def load_world(config, parsed, workdir: str, tokenizer_path: str) -> World:
+  """The TFDS world as arrays; the tokenizer (trained on passage sentences
+  only, never a held-out question) is kept next to the base model.
+
+  Held-out items go to `Session.items` and `World.base_items`, which only
+  the evaluation reads; dreaming's tau scores probe items (`Session.tasks`).
+  """
   world = parsed['world']
   data_dir = os.path.join(workdir, 'data')
   world_tfds.build(data_dir, world)
@@ -153,8 +182,8 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str):
   if os.path.exists(tokenizer_path):
     tokenizer = SentencePieceTokenizer.load(tokenizer_path)
   else:
-    texts = [s for _, p in world.people() for s in facts.all_sentences(p)]
-    texts += [s for p in readers for s in facts.all_sentences(p)]
+    texts = [s for _, p in world.people() for s in facts.passage_sentences(p)]
+    texts += [s for p in readers for s in facts.passage_sentences(p)]
     tokenizer = SentencePieceTokenizer.train(
         texts, int(config.data.tokenizer_vocab_size))
   if tokenizer.vocab_size > parsed['model'].vocab_size:
@@ -164,8 +193,6 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str):
   encoder = fact_world.FactWorld(tokenizer, [], [], seq_len)
   documents = fact_world.FactWorld(tokenizer, [], [],
                                    int(config.data.document_len))
-  items = lambda recs: eval_lib.encode_items(
-      tokenizer, [(r['prompt'], r['answer']) for r in recs], seq_len)
   repeats = int(config.world.closed_book_repeats)
   base_rows = documents.rows(_sentences(passages[0]) * repeats)
   if readers:
@@ -179,11 +206,13 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str):
     asked = _by_person(questions[t])
     tasks = dreaming.make_tasks(
         tokenizer, [recs[0]['text'] for recs in people.values()],
-        [items(asked[name]) for name in people], dream_cfg.template, width)
+        [_items(tokenizer, asked[name], 'probe', seq_len) for name in people],
+        dream_cfg.template, width)
     sessions.append(lifecycle.Session(
         rows=encoder.rows(_sentences(passages[t])), tasks=tasks,
-        items=items(questions[t])))
-  return tokenizer, base_rows, items(questions[0]), sessions
+        items=_items(tokenizer, questions[t], 'held_out', seq_len)))
+  return World(tokenizer, base_rows, encoder.rows(_sentences(passages[0])),
+               _items(tokenizer, questions[0], 'held_out', seq_len), sessions)
 
 
 # ------------------------------------------------------------- base model ---
@@ -217,35 +246,73 @@ def base_model(config, parsed, model, rows, directory: str, mesh, rules,
 # -------------------------------------------------------------------- run ---
 
 
+_HEADLINE = ('final_acc_all', 'final_base_acc', 'final_acc', 'bwt',
+             'forgetting')
+
+
 def summarize(per_seed: list[dict]) -> dict:
-  """One method's entry of results.json from its per-seed runs."""
+  """One method's entry of results.json from its per-seed runs: the mean
+  accuracy matrix, each headline score's mean and sample std over seeds
+  (`<key>_std`), and the per-seed runs."""
   t = len(per_seed[0]['acc_matrix'])
   mean = [[float(np.mean([r['acc_matrix'][i][j] for r in per_seed]))
            if j <= i else None for j in range(t)] for i in range(t)]
-  std = lambda key: float(np.std([r[key] for r in per_seed],
-                                 ddof=1 if len(per_seed) > 1 else 0))
-  return {'acc_matrix': mean,
-          'final_acc': float(np.mean([r['final_acc'] for r in per_seed])),
-          'final_acc_std': std('final_acc'),
-          'bwt': float(np.mean([r['bwt'] for r in per_seed])),
-          'bwt_std': std('bwt'),
-          'base_acc': float(np.mean([r['base_acc'] for r in per_seed])),
-          'params': int(per_seed[0]['params']),
-          'seconds': float(sum(r['seconds'] for r in per_seed)),
-          'per_seed': per_seed}
+  entry = {'acc_matrix': mean}
+  for key in _HEADLINE:
+    values = [r[key] for r in per_seed]
+    entry[key] = float(np.mean(values))
+    entry[f'{key}_std'] = float(np.std(values, ddof=1 if len(values) > 1
+                                       else 0))
+  entry.update(
+      base_acc=entry['final_base_acc'],  # the DESIGN §8 name, kept for readers
+      params=int(per_seed[0]['params']),
+      seconds=float(sum(r['seconds'] for r in per_seed)), per_seed=per_seed)
+  return entry
 
 
-def _per_seed(seed: int, records: list[dict]) -> dict:
+def _per_seed(seed: int, records: list[dict], item_counts: list[int],
+              base_items: int) -> dict:
   t = len(records)
   matrix = [[r['acc'][j] if j <= i else None for j in range(t)]
             for i, r in enumerate(records)]
+  final_base = records[-1]['base_acc']
   return {'seed': seed, 'acc_matrix': matrix,
+          'final_acc_all': eval_lib.acc_all(matrix[-1], final_base,
+                                            item_counts[:t], base_items),
+          'final_base_acc': final_base,
           'final_acc': eval_lib.final_acc(matrix), 'bwt': eval_lib.bwt(matrix),
-          'base_acc': records[-1]['base_acc'], 'params': records[-1]['params'],
+          'forgetting': eval_lib.forgetting(matrix),
+          'base_acc': final_base, 'params': records[-1]['params'],
           'seconds': sum(r['seconds'] for r in records),
           'cycles': [{k: r[k] for k in ('grown', 'reset', 'sleep', 'base_acc',
                                         'stages')}
                      for r in records]}
+
+
+def sleep_training_rows(config, people_per_session: int) -> int:
+  """Rows one Sleep cycle runs forward and backward (wake, KS with its
+  anchor, dreaming's isolated copies, ReST-EM and rehearsal), from the
+  config: what `finetune_compute` is given, in wake batches. Sampling
+  (forward only) is not counted."""
+  wake, ks, dream = config.wake, config.sleep, config.dreaming
+  rows = int(wake.steps) * int(wake.batch_size)
+  per_step = 0
+  if ks.alpha > 0:
+    per_step += int(ks.batch_size)
+  if ks.alpha < 1:
+    per_step += int(ks.batch_size) * int(ks.group_size)
+  if ks.get('anchor_weight', 0) > 0:
+    per_step += int(ks.anchor_batch_size)
+  rows += int(ks.num_steps) * per_step
+  if dream.enabled:
+    copies = people_per_session * (int(dream.keep_top) +
+                                   int(dream.keep_random))
+    rows += (int(dream.rounds) + 1) * copies * int(dream.eval_steps)
+    rows += int(dream.rounds) * int(dream.rest_steps) * int(
+        dream.rest_batch_size)
+    rows += int(dream.rehearse_steps) * int(dream.rehearse_batch_size) * (
+        2 if dream.rehearse_replay > 0 else 1)
+  return rows
 
 
 def run(config, workdir: str, log=print) -> dict[str, Any]:
@@ -259,15 +326,21 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
       {k: config[k].to_dict() for k in _BASE_KEYS}))
   os.makedirs(base_dir, exist_ok=True)
-  tokenizer, base_rows, base_items, sessions = load_world(
-      config, parsed, workdir, os.path.join(base_dir, 'tokenizer.model'))
+  world = load_world(config, parsed, workdir,
+                     os.path.join(base_dir, 'tokenizer.model'))
+  tokenizer, base_items, sessions = (world.tokenizer, world.base_items,
+                                     world.sessions)
   if not os.path.exists(os.path.join(base_dir, 'tokenizer.model')):
     tokenizer.save(os.path.join(base_dir, 'tokenizer.model'))
-  params, model_state = base_model(config, parsed, model, base_rows, base_dir,
+  params, model_state = base_model(config, parsed, model, world.base_rows,
+                                   base_dir,
                                    mesh, rules, log)
   base_acc = eval_lib.recall_accuracy(model, params, model_state, base_items)
   log(f'base model: closed-book recall of the base population {base_acc:.3f}')
   seeding_cfg = parsed['seeding']
+  compute_steps = -(-sleep_training_rows(
+      config, int(config.world.people_per_session)) // int(
+          config.wake.batch_size))
   judge = rewards.make_judge(seeding_cfg.judge,
                              threshold=seeding_cfg.judge_threshold,
                              tokenizer=tokenizer)
@@ -281,7 +354,8 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       decode=tokenizer.decode, judge=judge, mesh=mesh, rules=rules,
       lineage={'config_hash': fact_world.config_hash(config_dict),
                'code_version': code_version(),
-               'base': os.path.relpath(base_dir, workdir)})
+               'base': os.path.relpath(base_dir, workdir)},
+      base_replay=world.base_replay, compute_steps=compute_steps)
   writer = metrics_lib.MetricWriter(workdir, resume_step=2**62)
   base_info = {}
   if os.path.exists(os.path.join(base_dir, 'base.json')):
@@ -289,6 +363,9 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       base_info = {'seconds': json.load(f)['seconds']}
   results = {'methods': {}, 'seeds': parsed['seeds'], 'config': config_dict,
              'base': {'acc': base_acc, **base_info},
+             'items': {'base': len(base_items['inputs']),
+                       'sessions': [len(x.items['inputs']) for x in sessions]},
+             'finetune_compute_steps': compute_steps,
              'chance': 1.0 / len(facts.ATTRIBUTES['city'])}
   try:
     for name in parsed['methods']:
@@ -307,12 +384,16 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
             name, seed, settings,
             os.path.join(workdir, 'checkpoints', name, f'seed_{seed}'),
             log=log).run(params, model_state, on_cycle=on_cycle)
-        runs.append(_per_seed(seed, records))
+        runs.append(_per_seed(
+            seed, records, [len(x.items['inputs']) for x in sessions],
+            len(base_items['inputs'])))
       results['methods'][name] = summarize(runs)
       entry = results['methods'][name]
-      log(f'[{name}] final ACC {entry["final_acc"]:.3f} ± '
-          f'{entry["final_acc_std"]:.3f}, BWT {entry["bwt"]:+.3f} ± '
-          f'{entry["bwt_std"]:.3f} over seeds {parsed["seeds"]}')
+      log(f'[{name}] final ACC all {entry["final_acc_all"]:.3f} ± '
+          f'{entry["final_acc_all_std"]:.3f} (base '
+          f'{entry["final_base_acc"]:.3f}, sessions {entry["final_acc"]:.3f}'
+          f'), BWT {entry["bwt"]:+.3f} ± {entry["bwt_std"]:.3f}, forgetting '
+          f'{entry["forgetting"]:.3f} over seeds {parsed["seeds"]}')
       metrics_lib.write_json(os.path.join(workdir, 'results.json'), results)
   finally:
     writer.close()

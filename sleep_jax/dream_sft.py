@@ -6,7 +6,11 @@
   before and after; all copies in one vmapped program.
 * `train_generator`: ReST-EM's M-step on the dream generator's LoRA.
 * `rehearse` (+ `self_replay`): the unlocked expert slots learn the accepted
-  dreams, anchored to the model before rehearsal on its own samples.
+  dreams while a KL term, on an anchor model's own samples, holds the model
+  to it: the model before rehearsal, or a given `anchor` (sleep gives the
+  pre-wake model: the new expert fires on old inputs, and the model before
+  rehearsal already carries wake's damage to old knowledge, which an
+  anchor to it would hold in place).
 
 LoRAs are applied unmerged, through the model's 'lora' variable collection,
 so vmapped copies share every base matmul and no kernel-sized gradient is
@@ -224,13 +228,17 @@ def train_generator(model, cfg, params, model_state, generator,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _rehearse(model, cfg, level, params, model_state, slots_E, batches):
+def _rehearse(model, cfg, level, params, model_state, slots_E, batches,
+              anchor=None):
   trainable = level_params(growth.expert_mask(params, level, slots_E), level)
   # Adam state only for the expert leaves: the level's dense expert (the
   # backbone MLP of a pretrained model) never trains here.
   tx = growth.masked_optimizer(optax.adam(cfg.rehearse_learning_rate),
                                trainable)
-  teacher = variables(params, model_state)  # the model before rehearsal
+  # The replay term's teacher: the model before rehearsal, or the anchor
+  # (params, model_state) - traced inputs, so a new anchor each sleep is
+  # new data, and its expert masks may differ from the student's.
+  teacher = variables(*((params, model_state) if anchor is None else anchor))
 
   def loss_fn(tree, batch):
     student = with_level_params(params, tree)
@@ -257,12 +265,15 @@ def _rehearse(model, cfg, level, params, model_state, slots_E, batches):
 
 
 def rehearse(model: nn.Module, cfg, params, model_state,
-             tokens, mask, *, level: int, slots, host_rng, replay=None):
+             tokens, mask, *, level: int, slots, host_rng, replay=None,
+             anchor=None):
   """`rehearse_steps` Adam steps (one compiled scan) on accepted dream rows,
   training only the expert `slots` of `level` (those unlocked in this
   sleep): every other parameter stays bit-identical. With `replay` rows
-  ({'tokens', 'mask'}), each step adds `rehearse_replay` * KL(model before
-  || model) on a batch of them. Returns (params, the per-step losses)."""
+  ({'tokens', 'mask'}), each step adds `rehearse_replay` * KL(A || model)
+  on a batch of them, where A is `anchor` = (params, model_state) when
+  given, else the model before rehearsal. Returns (params, the per-step
+  losses)."""
   if cfg.rehearse_steps == 0:
     return params, np.zeros((0,), np.float32)
   slots_E = np.zeros(model_state[cms.CMS_COLLECTION][cms.level_name(level)]
@@ -271,22 +282,29 @@ def rehearse(model: nn.Module, cfg, params, model_state,
   steps, size = cfg.rehearse_steps, cfg.rehearse_batch_size
   batches = dict(zip(('tokens', 'mask'),
                      _batches(tokens, mask, steps, size, host_rng)))
-  if replay is not None and cfg.rehearse_replay > 0:
+  replaying = replay is not None and cfg.rehearse_replay > 0
+  if replaying:
     batches.update(zip(('replay_tokens', 'replay_mask'),
                        _batches(replay['tokens'], replay['mask'], steps, size,
                                 host_rng)))
+  # Without the replay term the anchor has no use: leave it out of the
+  # program.
   params, losses = _rehearse(model, cfg, level, params, model_state,
-                             jnp.asarray(slots_E), batches)
+                             jnp.asarray(slots_E), batches,
+                             anchor if replaying else None)
   losses = np.asarray(losses)
   metrics_lib.check_finite(steps, {'rehearse_loss': losses[-1]})
   return params, losses
 
 
 def self_replay(model: nn.Module, cfg, params, model_state,
-                rng, *, bos_id: int, eos_id: int, pad_id: int):
-  """`replay_samples` continuations of BOS by the model before rehearsal, as
+                rng, *, bos_id: int, eos_id: int, pad_id: int, anchor=None):
+  """`replay_samples` continuations of BOS by the model before rehearsal (or
+  by `anchor` = (params, model_state) when given: `rehearse`'s teacher), as
   SFT rows: what it already knows, replayed so that training the new
   expert on dreams does not overwrite it (generative replay)."""
+  if anchor is not None:
+    params, model_state = anchor
   prompts = np.full((cfg.replay_samples, 1), bos_id, np.int32)
   out = sampling.sample(
       model, params, prompts, np.ones((cfg.replay_samples,), np.int32),

@@ -17,10 +17,13 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
 5. **rehearses**: trains only the expert slots unlocked in this sleep on the
    accepted dreams, so dreaming cannot move older parameters
    (`dream_sft.rehearse`),
-   with a generative-replay anchor: KL(model before || model) on the
-   model's own BOS samples (`self_replay`, weight `rehearse_replay`). The
-   new expert also fires on old inputs; without the anchor it overwrites
-   old facts.
+   with a generative-replay anchor: KL(A || model) on A's own BOS samples
+   (`self_replay`, weight `rehearse_replay`). The new expert also fires on
+   old inputs; without the anchor it overwrites old facts. A is the model
+   before rehearsal, or the `anchor` model given to `dream`: sleep gives
+   the pre-wake model, since the model after wake (and consolidation, which
+   distils from it) carries wake's damage to old knowledge, and an anchor
+   to it would hold that damage in place.
 
 Our readings where DESIGN is open: the dream generator is the model plus its
 own LoRA (`generator`), which only ReST-EM trains; answers are always given
@@ -471,10 +474,15 @@ def rest_em(model: nn.Module, cfg: DreamingConfig, params, model_state,
 def dream(model: nn.Module, cfg: DreamingConfig, params, model_state,
           tasks: Tasks, rng, *, level: int, slots, bos_id: int, eos_id: int,
           pad_id: int, generator=None, seed: int = 0,
-          on_round: Callable[[dict], None] | None = None) -> Dreaming:
+          on_round: Callable[[dict], None] | None = None,
+          anchor=None) -> Dreaming:
   """The whole stage: ReST-EM, then rehearsal of the `slots` of `level`
   unlocked in this sleep on every accepted dream. `cfg.enabled=False`
-  returns the params unchanged."""
+  returns the params unchanged.
+
+  anchor: (params, model_state) of the model that rehearsal's replay term
+  samples from and stays close to (module docstring); None = the model
+  before rehearsal (`params`, `model_state`)."""
   if not cfg.enabled:
     return Dreaming(params, generator, [], {
         'tokens': np.zeros((0, 0), np.int32),
@@ -489,8 +497,8 @@ def dream(model: nn.Module, cfg: DreamingConfig, params, model_state,
     if cfg.rehearse_replay > 0:
       replay = self_replay(model, cfg, params, model_state,
                            jax.random.fold_in(rng, 11), bos_id=bos_id,
-                           eos_id=eos_id, pad_id=pad_id)
+                           eos_id=eos_id, pad_id=pad_id, anchor=anchor)
     params, _ = rehearse(model, cfg, params, model_state, accepted['tokens'],
                          accepted['mask'], level=level, slots=slots,
-                         host_rng=host_rng, replay=replay)
+                         host_rng=host_rng, replay=replay, anchor=anchor)
   return Dreaming(params, generator, rounds, accepted)

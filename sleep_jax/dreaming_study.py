@@ -9,10 +9,13 @@
    so that random-expert injection has something to recombine.
 2. A new expert is unlocked in the slow level, as consolidation leaves it.
 3. Dreaming (sleep_jax.dreaming): the contexts are passages about a session
-   of new people, tau is closed-book recall of their facts. The model dreams
+   of new people, tau is closed-book recall of their facts in the forms
+   the passages use. The model dreams
    continuations of each passage, selects, scores every kept dream in an
    isolated LoRA copy (all vmapped), runs ReST-EM on its dream LoRA, then
-   rehearses the accepted dreams into the new expert only.
+   rehearses the accepted dreams into the new expert only. tau scores probe
+   items only; recall is reported on held-out items
+   (sleep_jax.data.tasks.facts).
 4. Closed-book recall of the new people and of the base population, before
    and after, and the fraction of rewarded dreams per ReST-EM round.
 
@@ -92,11 +95,13 @@ def validate_config(config):
 
 def make_tasks(world: fact_world.FactWorld, people, cfg: dreaming.DreamingConfig,
                prompt_width: int, seed: int) -> dreaming.Tasks:
-  """One context per person: their passage; tau = recall of its facts."""
+  """One context per person: their passage; tau = recall of its probe
+  items (forms the passages use). The held-out items that `run` reports
+  never reach a reward."""
   rng = np.random.default_rng(seed)
   texts = [' '.join(facts.passages(p, rng)) for p in people]
   return dreaming.make_tasks(world.tokenizer, texts,
-                             [world.recall([p]) for p in people], cfg.template,
+                             [world.probe([p]) for p in people], cfg.template,
                              prompt_width)
 
 

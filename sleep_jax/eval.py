@@ -78,6 +78,48 @@ def bwt(acc_matrix) -> float:
                         for j in range(t - 1)]))
 
 
+def forgetting(acc_matrix) -> float:
+  """Average forgetting (Chaudhry et al. 2018, "Riemannian Walk for
+  Incremental Learning"): mean over sessions j < T-1 of
+  max_{i in [j, T-2]} acc[i][j] - acc[T-1][j], i.e. how far each earlier
+  session has fallen from its best accuracy before the last cycle.
+  Positive = forgetting; 0 with one session."""
+  t = len(acc_matrix)
+  if t < 2:
+    return 0.0
+  return float(np.mean([max(acc_matrix[i][j] for i in range(j, t - 1)) -
+                        acc_matrix[-1][j] for j in range(t - 1)]))
+
+
+def acc_all(final_row, base_acc: float, item_counts, base_items: int
+            ) -> float:
+  """Accuracy over everything known after a cycle: the base population and
+  every session so far, pooled, i.e. total correct / total items
+  = (base_items * base_acc + sum_j item_counts[j] * final_row[j])
+    / (base_items + sum_j item_counts[j]).
+
+  `final_row` is the last row of the accuracy matrix (one accuracy per
+  session, e.g. acc_matrix[-1]); `item_counts[j]` is the number of items
+  session j is evaluated on; `base_items` the number of base-population
+  items `base_acc` is measured on. Unlike `final_acc` (an unweighted mean
+  over sessions), each item counts once, so a large base population weighs
+  accordingly."""
+  row = list(final_row)
+  counts = [int(n) for n in item_counts]
+  if len(row) != len(counts):
+    raise ValueError(f'{len(row)} session accuracies but {len(counts)} item '
+                     'counts.')
+  if any(a is None for a in row):
+    raise ValueError(f'final_row has a session not evaluated yet: {row}.')
+  total = int(base_items) + sum(counts)
+  if total <= 0:
+    raise ValueError('no items: base_items and item_counts are all 0.')
+  # base_acc may be None when there is no base population to count
+  correct = (int(base_items) * float(base_acc) if base_items else 0.0) + sum(
+      n * float(a) for n, a in zip(counts, row))
+  return float(correct / total)
+
+
 def forgetting_curves(acc_matrix) -> list[list[float]]:
   """Per session j: its accuracy after cycles j, j+1, ..., T-1."""
   return [[row[j] for row in acc_matrix[j:]] for j in range(len(acc_matrix))]

@@ -2,8 +2,9 @@
 
 `build(config)` draws the people (a base population plus sessions of new
 people, sleep_jax.data.tasks.facts), trains a SentencePiece tokenizer on
-every sentence of the world, and encodes what the studies need: passage rows
-for training and wake, closed-book recall items for evaluation.
+every passage sentence of the world, and encodes what the studies need:
+passage rows for training and wake, held-out closed-book items for
+evaluation and probe items for rewards (never the other way round).
 `train_base` trains the model on the base population, so it knows the
 language of the world but none of the people who arrive later;
 `restore_or_train` keeps it on disk, so a study re-run (or resumed after a
@@ -46,17 +47,18 @@ class FactWorld:
   seq_len: int
 
   def passages(self, people) -> dict[str, np.ndarray]:
-    """Every sentence about `people` as rows: inputs, targets, mask."""
-    return self.rows([s for p in people for s in facts.all_sentences(p)])
+    """Every passage sentence about `people` as rows: inputs, targets, mask
+    (no held-out form: those are the evaluation's)."""
+    return self.rows([s for p in people for s in facts.passage_sentences(p)])
 
   def documents(self, people, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One row per person: their passage, then one of its facts restated in a
-    random paraphrase. On people met nowhere else, the restatement can only
+    random passage form. On people met nowhere else, the restatement can only
     be predicted by copying from the passage: this teaches in-context use."""
     texts = []
     for person in people:
-      attribute, value = person.attributes[rng.integers(len(person.attributes))]
-      restated = facts.paraphrase(attribute, person.name, value, rng)
+      attribute, _ = person.attributes[rng.integers(len(person.attributes))]
+      restated = facts.paraphrase(person, attribute, rng)
       texts.append(' '.join(facts.passages(person, rng) + [restated]))
     return self.rows(texts)
 
@@ -71,9 +73,18 @@ class FactWorld:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
   def recall(self, people) -> dict[str, np.ndarray]:
-    """Closed-book recall items about `people` (see sleep_jax.eval)."""
+    """Held-out closed-book items about `people` (evaluation only; see
+    sleep_jax.eval)."""
     return eval_lib.encode_items(
-        self.tokenizer, [it for p in people for it in facts.recall_items(p)],
+        self.tokenizer,
+        facts.pairs([it for p in people for it in facts.held_out_items(p)]),
+        self.seq_len)
+
+  def probe(self, people) -> dict[str, np.ndarray]:
+    """Probe items about `people`: the only ones a reward may score."""
+    return eval_lib.encode_items(
+        self.tokenizer,
+        facts.pairs([it for p in people for it in facts.probe_items(p)]),
         self.seq_len)
 
 
@@ -87,7 +98,7 @@ def build(config) -> FactWorld:
                   (i + 1) * stream.people_per_session]
               for i in range(stream.sessions)]
   tokenizer = SentencePieceTokenizer.train(
-      [s for p in people for s in facts.all_sentences(p)],
+      [s for p in people for s in facts.passage_sentences(p)],
       config.data.tokenizer_vocab_size)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f'the tokenizer has {tokenizer.vocab_size} ids but '

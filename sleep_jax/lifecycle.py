@@ -60,6 +60,15 @@ class Method:
   reset_fast: clear the fast level each night without consolidating.
   replay / ewc: fine-tuning with a replay buffer of earlier sessions' rows /
     with the EWC penalty.
+  replay_base: the replay buffer also holds the base population's rows (an
+    oracle: no other method may store them).
+  anchor: hold the model before this session in place. Sleep: Knowledge
+    Seeding's anchor term (`sleep.anchor_weight`) and dreaming's rehearsal
+    anchor both point at the pre-wake model; fine-tuning: the same
+    self-distillation term on the pre-session model's BOS samples
+    (LwF-style, `baselines.anchor_weight`).
+  compute_matched: fine-tuning for as many training rows as a Sleep cycle
+    processes (`Settings.compute_steps` steps instead of `wake_steps`).
   """
   wake: str
   consolidate: bool = False
@@ -68,19 +77,29 @@ class Method:
   reset_fast: bool = False
   replay: bool = False
   ewc: bool = False
+  replay_base: bool = False
+  anchor: bool = False
+  compute_matched: bool = False
 
+
+_NO_ANCHOR = {'anchor_weight': 0.0}
 
 METHODS = {
-    'sleep': Method('cms', consolidate=True, dream=True),
+    'sleep': Method('cms', consolidate=True, dream=True, anchor=True),
+    'sleep_no_anchor': Method('cms', consolidate=True, dream=True,
+                              seeding=_NO_ANCHOR),
     'sleep_no_expansion': Method('cms', consolidate=True, dream=True,
-                                 seeding={'expansion': False}),
-    'sleep_no_lti': Method('cms', consolidate=True, dream=True,
+                                 anchor=True, seeding={'expansion': False}),
+    'sleep_no_lti': Method('cms', consolidate=True, dream=True, anchor=True,
                            seeding={'alpha': 1.0}),
-    'sleep_no_dreaming': Method('cms', consolidate=True),
+    'sleep_no_dreaming': Method('cms', consolidate=True, anchor=True),
     'no_consolidation': Method('cms', reset_fast=True),
     'finetune': Method('finetune'),
+    'finetune_anchor': Method('finetune', anchor=True),
+    'finetune_compute': Method('finetune', compute_matched=True),
     'lora_finetune': Method('lora'),
     'replay': Method('finetune', replay=True),
+    'replay_all': Method('finetune', replay=True, replay_base=True),
     'ewc': Method('finetune', ewc=True),
     'seal': Method('none', dream=True),
 }
@@ -89,11 +108,20 @@ METHODS = {
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
   """The baselines' knobs (config keys `baselines.<field>`); their learning
-  rates come from the sweep recorded in experiments/configs/continual.py."""
+  rates come from the sweep recorded in experiments/configs/continual.py.
+  `<method>_learning_rate` is the rate of each fine-tuning method;
+  anchor_*: `finetune_anchor`'s self-distillation term (weight, BOS samples
+  per step and their length)."""
   finetune_learning_rate: float = 1e-4
+  finetune_anchor_learning_rate: float = 1e-4
+  finetune_compute_learning_rate: float = 1e-4
   lora_learning_rate: float = 3e-4
   replay_learning_rate: float = 3e-3
+  replay_all_learning_rate: float = 3e-3
   ewc_learning_rate: float = 1e-4
+  anchor_weight: float = 1.0
+  anchor_batch_size: int = 8
+  anchor_max_new_tokens: int = 16
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_targets: tuple = lora.ALL_KERNELS
@@ -102,13 +130,22 @@ class BaselineConfig:
   fisher_rows: int = 64
 
   def __post_init__(self):
-    for name in ('finetune_learning_rate', 'lora_learning_rate',
-                 'replay_learning_rate', 'ewc_learning_rate', 'lora_alpha'):
+    for name in ('finetune_learning_rate', 'finetune_anchor_learning_rate',
+                 'finetune_compute_learning_rate', 'lora_learning_rate',
+                 'replay_learning_rate', 'replay_all_learning_rate',
+                 'ewc_learning_rate', 'lora_alpha'):
       if not getattr(self, name) > 0:
         raise ValueError(f'baselines.{name}={getattr(self, name)} must be > 0.')
     if not 0 < self.replay_fraction < 1:
       raise ValueError(f'baselines.replay_fraction={self.replay_fraction} '
                        'must be in (0, 1).')
+    if self.anchor_weight < 0:
+      raise ValueError(f'baselines.anchor_weight={self.anchor_weight} must '
+                       'be >= 0 (0 = no anchor term).')
+    for name in ('anchor_batch_size', 'anchor_max_new_tokens'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'baselines.{name}={getattr(self, name)} must be '
+                         '>= 1.')
     if self.ewc_weight < 0 or self.fisher_rows < 1:
       raise ValueError('baselines.ewc_weight must be >= 0 and '
                        'baselines.fisher_rows >= 1; got '
@@ -158,6 +195,8 @@ class Settings:
   mesh: Any
   rules: Any
   lineage: Mapping[str, Any]          # config_hash, code_version
+  base_replay: dict | None = None     # base rows: the replay_all oracle's
+  compute_steps: int = 0              # finetune_compute's steps per session
   fast_level: int = 0
   slow_level: int = 1
 
@@ -174,6 +213,13 @@ def active_param_count(params, model_state, adapter=None) -> int:
                  for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(params))
                  if m is not False)
   return total + (lora.num_params(adapter) if adapter is not None else 0)
+
+
+def _prompt_rows(sessions) -> dict:
+  """Sessions' wake rows as sleep prompt rows: {'tokens', 'lengths'}."""
+  tokens = np.concatenate([s.rows['inputs'] for s in sessions])
+  masks = np.concatenate([s.rows['mask'] for s in sessions])
+  return {'tokens': tokens, 'lengths': masks.sum(1).astype(np.int32)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,6 +274,7 @@ class Lifecycle:
     host = np.random.default_rng([self.seed, t, list(METHODS).index(self.name)])
     session = self.s.sessions[t]
     params, model_state = state['params'], state['model_state']
+    pre_wake = (params, model_state)
     extra = dict(state['extra'])
     record = {'cycle': t, 'grown': [], 'reset': [], 'sleep': {}}
     m = self.method
@@ -235,12 +282,14 @@ class Lifecycle:
       params, model_state = self._wake_cms(params, model_state, session.rows,
                                            jax.random.fold_in(key, 0), host)
     elif m.wake in ('finetune', 'lora'):
-      old = None
-      if m.replay and t > 0:
-        old = {k: np.concatenate([s.rows[k] for s in self.s.sessions[:t]])
-               for k in session.rows}
+      old = [s.rows for s in self.s.sessions[:t]] if m.replay else []
+      if m.replay_base:
+        old.append(self.s.base_replay)
+      old = ({k: np.concatenate([rows[k] for rows in old])
+              for k in session.rows} if old else None)
+      steps = self.s.compute_steps if m.compute_matched else self.s.wake_steps
       batches = baselines.draw_batches(
-          session.rows, self.s.wake_steps, self.s.batch_size, host, old,
+          session.rows, steps, self.s.batch_size, host, old,
           self.s.baselines.replay_fraction if old else 0.0)
       if m.wake == 'lora':
         extra['adapter'], losses = baselines.lora_finetune(
@@ -248,12 +297,14 @@ class Lifecycle:
             extra['adapter'], batches,
             learning_rate=self.s.baselines.lora_learning_rate)
       else:
-        ewc = ({'anchor': extra['anchor'], 'fisher': extra['fisher'],
-                'ewc_weight': self.s.baselines.ewc_weight} if m.ewc else {})
-        rate = ('ewc' if m.ewc else 'replay' if m.replay else 'finetune')
+        extras = ({'anchor': extra['anchor'], 'fisher': extra['fisher'],
+                   'ewc_weight': self.s.baselines.ewc_weight} if m.ewc else {})
+        if m.anchor:
+          extras['self_anchor'] = self._self_anchor(
+              params, model_state, steps, jax.random.fold_in(key, 4))
         params, losses = baselines.finetune(
             self.s.model, params, model_state, batches, learning_rate=getattr(
-                self.s.baselines, f'{rate}_learning_rate'), **ewc)
+                self.s.baselines, f'{self.name}_learning_rate'), **extras)
       record['sleep']['wake_loss'] = float(losses[-1])
       if m.ewc:
         rows = {k: v[:self.s.baselines.fisher_rows]
@@ -264,11 +315,20 @@ class Lifecycle:
         extra['anchor'] = params
     params, model_state = jax.device_get((params, model_state))
     stages = record['stages'] = {}
-    probe = lambda: {'session': eval_lib.recall_accuracy(
-        self.s.model, params, model_state, session.items),
-                     'base': eval_lib.recall_accuracy(
-        self.s.model, params, model_state, self.s.base_items)}
-    if m.wake == 'cms':
+    probe_items = {k: np.reshape(v, (-1, v.shape[-1]))
+                   for k, v in session.tasks.items.items()}
+
+    def probe():
+      """Recall now: the session's and the base population's held-out items,
+      and the session's probe items (forms its passages used)."""
+      evaluated = self.eval_params({'params': params, 'extra': extra})
+      recall = lambda items: eval_lib.recall_accuracy(
+          self.s.model, evaluated, model_state, items)
+      return {'session': recall(session.items),
+              'base': recall(self.s.base_items),
+              'session_probe': recall(probe_items)}
+
+    if m.wake != 'none':
       stages['wake'] = probe()
 
     slots = []
@@ -281,10 +341,13 @@ class Lifecycle:
       params, model_state = growth.reset(params, model_state, self.s.fast_level,
                                          record['reset'])
     if m.consolidate:
+      anchor_replay = None
+      if self.seeding.anchor_weight > 0 and t > 0 and (
+          self.seeding.anchor_prompts == 'replay'):
+        anchor_replay = _prompt_rows(self.s.sessions[:t])
       out = seeding.consolidate(
           self.s.model, params, model_state, level=self.s.slow_level,
-          replay={'tokens': session.rows['inputs'],
-                  'lengths': session.rows['mask'].sum(1).astype(np.int32)},
+          replay=_prompt_rows([session]), anchor_replay=anchor_replay,
           cfg=self.seeding, rng=jax.random.fold_in(key, 1),
           judge=self.s.judge, decode=self.s.decode, mesh=self.s.mesh,
           rules=self.s.rules, **self.s.token_ids)
@@ -306,12 +369,14 @@ class Lifecycle:
           self.s.model, self.s.dreaming, params, model_state, session.tasks,
           jax.random.fold_in(key, 3), level=self.s.slow_level, slots=slots,
           generator=extra['generator'], seed=int(host.integers(2**31)),
-          **self.s.token_ids)
+          anchor=pre_wake if m.anchor else None, **self.s.token_ids)
       params, extra['generator'] = out.params, out.generator
       if out.rounds:
         record['sleep']['dream_reward_first'] = out.rounds[0]['reward_fraction']
         record['sleep']['dream_reward_last'] = out.rounds[-1]['reward_fraction']
         record['sleep']['dreams_accepted'] = len(out.accepted.get('tokens', []))
+      params = jax.device_get(params)
+      stages['dreaming'] = probe()
     state = jax.device_get({'params': params, 'model_state': model_state,
                             'extra': extra})
     evaluated = self.eval_params(state)
@@ -324,6 +389,18 @@ class Lifecycle:
                                           extra.get('adapter'))
     record['seconds'] = time.perf_counter() - t0
     return state, record
+
+  def _self_anchor(self, params, model_state, steps: int, key) -> dict:
+    """finetune_anchor's term: the model before this session, frozen, and
+    `steps` batches of its own BOS samples."""
+    cfg = self.s.baselines
+    rows = baselines.self_samples(
+        self.s.model, params, model_state, steps=steps,
+        batch_size=cfg.anchor_batch_size,
+        max_new_tokens=cfg.anchor_max_new_tokens, rng=key,
+        **self.s.token_ids)
+    return {'params': params, 'model_state': model_state,
+            'weight': cfg.anchor_weight, 'rows': rows}
 
   def _wake_cms(self, params, model_state, rows, key, host):
     params, model_state, _ = growth.grow(params, model_state,

@@ -1,10 +1,16 @@
 """Human-readable report of a continual-learning experiment (DESIGN §8).
 
 `write_report(results, workdir)` turns the `results` dict of an experiment
-into <workdir>/report.md (a results table, per-method accuracy matrices, the
-optional learning-rate sweep) and PNG plots under <workdir>/plots/: one
+into <workdir>/report.md (a headline table, per-method accuracy matrices and,
+where the cycles recorded them, per-stage recalls, the optional
+learning-rate sweep) and PNG plots under <workdir>/plots/: one
 accuracy-matrix heatmap and one forgetting-curve plot per method, and one
-bar chart comparing the methods' final ACC and BWT.
+bar chart comparing the methods' final ACC over everything (else over the
+sessions) and forgetting (else BWT).
+
+Older results.json files, without the headline keys final_acc_all,
+final_base_acc and forgetting, still render: what the accuracy matrices
+give is computed here, the rest is shown as a dash.
 
 `plot_dreaming(results, path)` draws the dreaming study's results.json
 (sleep_jax.dreaming_study): rewarded dreams per ReST-EM round, and recall of
@@ -33,6 +39,10 @@ METHOD_LABELS = {
     'finetune': 'Continual fine-tuning',
     'lora_finetune': 'Continual LoRA fine-tuning',
     'replay': 'Fine-tuning + replay',
+    'replay_all': 'Fine-tuning + replay of everything (oracle buffer)',
+    'finetune_anchor': 'Continual fine-tuning + anchor (LwF-style)',
+    'finetune_compute': "Continual fine-tuning, Sleep's compute",
+    'sleep_no_anchor': 'Sleep w/o anchor',
     'ewc': 'EWC',
     'seal': 'SEAL-style dreaming (no consolidation)',
 }
@@ -51,6 +61,19 @@ PAPER_SQUAD_CPT = {
 _DASH = '—'
 _DPI = 100
 
+# Headline scores: (results.json key, older key holding the same quantity,
+# function of one accuracy matrix that recomputes it, or None). base_acc of
+# older files is already the base recall after the last cycle.
+_SCORES = {
+    'final_acc_all': (None, None),
+    'final_base_acc': ('base_acc', None),
+    'final_acc': (None, cl_eval.final_acc),
+    'bwt': (None, cl_eval.bwt),
+    'forgetting': (None, cl_eval.forgetting),
+}
+# Stages a cycle may record, in the order they run; others follow, sorted.
+_STAGE_ORDER = ('wake', 'consolidation', 'dreaming')
+
 
 def method_label(name: str) -> str:
   """The human label of a method; unknown names are shown as they are."""
@@ -58,7 +81,8 @@ def method_label(name: str) -> str:
 
 
 def write_report(results: dict, workdir: str) -> list[str]:
-  """Writes <workdir>/report.md and <workdir>/plots/*.png; returns the paths written."""
+  """Writes <workdir>/report.md and <workdir>/plots/*.png; returns the
+  paths written."""
   methods = results.get('methods') or {}
   os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
   plots = {}  # method name -> (heatmap, forgetting curves), relative to workdir
@@ -106,14 +130,37 @@ def _matrix_array(acc_matrix) -> np.ndarray:
                   dtype=float).reshape(len(acc_matrix), width)
 
 
-def _method_scores(method: dict) -> tuple[float, float, float, float]:
-  """(final ACC, its std, BWT, its std), computed from the matrix if absent."""
-  matrix = method['acc_matrix']
-  acc, bwt = method.get('final_acc'), method.get('bwt')
-  return (cl_eval.final_acc(matrix) if acc is None else acc,
-          method.get('final_acc_std') or 0.0,
-          cl_eval.bwt(matrix) if bwt is None else bwt,
-          method.get('bwt_std') or 0.0)
+def _sample_std(values) -> float:
+  """Sample standard deviation (ddof=1), 0 for a single value."""
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _score(method: dict, key: str):
+  """(mean, std) over seeds of one headline score, or None if unknown.
+
+  Taken from `key` (and `<key>_std`) when results.json has it; else from
+  the older key of the same quantity; else recomputed per seed from the
+  per-seed matrices (sample std); else from the mean matrix (std 0)."""
+  old_key, from_matrix = _SCORES[key]
+  for name in (key, old_key):
+    if name and method.get(name) is not None:
+      std = method.get(f'{name}_std')
+      if std is None:
+        seeds = [r[name] for r in method.get('per_seed') or []
+                 if r.get(name) is not None]
+        std = _sample_std(seeds)
+      return float(method[name]), float(std)
+  if from_matrix is None:
+    return None
+  per_seed = method.get('per_seed') or []
+  if per_seed and all(r.get('acc_matrix') for r in per_seed):
+    values = [from_matrix(r['acc_matrix']) for r in per_seed]
+    return float(np.mean(values)), _sample_std(values)
+  return from_matrix(method['acc_matrix']), 0.0
+
+
+def _score_text(score, signed: bool = False) -> str:
+  return _DASH if score is None else _percent_pm(*score, signed=signed)
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -133,18 +180,32 @@ def _report_markdown(results: dict, plots: dict, comparison) -> str:
 
   rows = []
   for name, method in methods.items():
-    acc, acc_std, bwt, bwt_std = _method_scores(method)
     params, seconds = method.get('params'), method.get('seconds')
     paper = PAPER_SQUAD_CPT.get(name)
-    rows.append([method_label(name), _percent_pm(acc, acc_std),
-                 _percent_pm(bwt, bwt_std, signed=True),
-                 _DASH if params is None else f'{int(params):,}',
+    rows.append([method_label(name)] +
+                [_score_text(_score(method, key), signed=key == 'bwt')
+                 for key in _SCORES] +
+                [_DASH if params is None else f'{int(params):,}',
                  _DASH if seconds is None else f'{round(seconds):d}',
                  _DASH if paper is None else f'{paper:.1f} (SQuAD CPT)'])
-  lines += _markdown_table(['Method', 'Final ACC (mean ± std)',
-                            'BWT (mean ± std)', 'Params', 'Seconds',
+  lines += _markdown_table(['Method', 'Final ACC all (base + sessions)',
+                            'Base recall', 'Final ACC (sessions)', 'BWT',
+                            'Forgetting', 'Params', 'Seconds',
                             'Paper reference'], rows)
-  lines += ['', "The paper's numbers (arXiv 2606.03979, no-context accuracy "
+  lines += ['', 'Scores are mean ± sample std over seeds, in points, after '
+            'the last cycle (T cycles, acc[i][j] = recall on session j after '
+            'cycle i). *Final ACC all*: recall over all knowledge, the base '
+            'population and every session pooled, weighted by items (total '
+            'correct / total items). *Base recall*: recall on the base '
+            'population. *Final ACC (sessions)*: unweighted mean of '
+            'acc[T-1][j] over the sessions. *BWT*: mean over j < T-1 of '
+            'acc[T-1][j] - acc[j][j] (Lopez-Paz & Ranzato 2017; negative = '
+            'forgetting). *Forgetting*: mean over j < T-1 of max over i in '
+            '[j, T-2] of acc[i][j], minus acc[T-1][j] (Chaudhry et al. 2018; '
+            'positive = forgetting). *Params*: active parameters after the '
+            'last cycle. *Seconds*: wall time summed over seeds. '
+            f'{_DASH}: not in this results.json.',
+            '', "The paper's numbers (arXiv 2606.03979, no-context accuracy "
             'after continued pretraining on 200 SQuAD passages) are at paper '
             'scale on SQuAD, a different task and model; they are side by '
             'side for direction, not for comparing magnitudes.', '']
@@ -158,7 +219,7 @@ def _report_markdown(results: dict, plots: dict, comparison) -> str:
   if chance is not None:
     lines += [f'Chance accuracy: {_percent(chance)}%.', '']
   if comparison:
-    lines += [f'![Final ACC and BWT per method]({comparison})', '']
+    lines += [f'![Final ACC and forgetting per method]({comparison})', '']
 
   tuning = results.get('tuning')
   if isinstance(tuning, dict) and tuning:
@@ -174,7 +235,40 @@ def _report_markdown(results: dict, plots: dict, comparison) -> str:
     lines += [f'## {method_label(name)}', ''] + _markdown_table(header, rows)
     lines += ['', f'![accuracy matrix]({heatmap})',
               f'![forgetting curves]({forgetting})', '']
+    stages = _stage_table(method)
+    if stages:
+      lines += ['Recall of the current session and of the base population '
+                'after each stage of a cycle (mean over seeds, %):', '']
+      lines += stages + ['']
   return '\n'.join(lines)
+
+
+def _stage_table(method: dict) -> list[str]:
+  """Rows = cycles, columns = session and base recall after each stage the
+  cycles recorded (per_seed[s]['cycles'][i]['stages']); [] if none did."""
+  per_seed = method.get('per_seed') or []
+  cycles = max((len(r.get('cycles') or []) for r in per_seed), default=0)
+  # [cycle][stage][part] -> values over the seeds that recorded it
+  values = [{} for _ in range(cycles)]
+  for run in per_seed:
+    for i, cycle in enumerate(run.get('cycles') or []):
+      for stage, probe in ((cycle or {}).get('stages') or {}).items():
+        for part in ('session', 'base'):
+          if (probe or {}).get(part) is not None:
+            values[i].setdefault(stage, {}).setdefault(part, []).append(
+                float(probe[part]))
+  seen = {stage for cycle in values for stage in cycle}
+  if not seen:
+    return []
+  stages = [s for s in _STAGE_ORDER if s in seen] + sorted(
+      seen - set(_STAGE_ORDER))
+  header = ['Cycle'] + [f'{stage} {part}' for stage in stages
+                        for part in ('session', 'base')]
+  rows = [[str(i)] + [_percent(np.mean(cycle[stage][part]))
+                      if cycle.get(stage, {}).get(part) else ''
+                      for stage in stages for part in ('session', 'base')]
+          for i, cycle in enumerate(values)]
+  return _markdown_table(header, rows)
 
 
 def _tuning_table(tuning: dict) -> list[str]:
@@ -233,24 +327,42 @@ def _plot_forgetting(acc_matrix, title: str, path: str) -> None:
   plt.close(fig)
 
 
+def _plot_scores(methods: dict, key: str, fallback: str
+                 ) -> tuple[str, np.ndarray]:
+  """(key used, [methods, (mean, std)]): `key` if every method has it, else
+  `fallback` — one bar chart never mixes two different scores."""
+  scores = [_score(methods[n], key) for n in methods]
+  if any(s is None for s in scores):
+    key, scores = fallback, [_score(methods[n], fallback) for n in methods]
+  return key, np.array([s or (np.nan, 0.0) for s in scores], dtype=float)
+
+
+_PLOT_NAMES = {'final_acc_all': 'Final ACC all (base + sessions)',
+               'final_acc': 'Final ACC (sessions)',
+               'forgetting': 'Forgetting', 'bwt': 'BWT'}
+
+
 def _plot_methods(methods: dict, chance, path: str) -> None:
   names = list(methods)
-  scores = np.array([_method_scores(methods[n]) for n in names], dtype=float)
+  acc_key, acc = _plot_scores(methods, 'final_acc_all', 'final_acc')
+  drop_key, drop = _plot_scores(methods, 'forgetting', 'bwt')
   labels = [method_label(n) for n in names]
   x = np.arange(len(names))
   fig, (acc_ax, bwt_ax) = plt.subplots(
       1, 2, figsize=(max(8.0, 1.6 * len(names) + 3.0), 5.0))
-  acc_ax.bar(x, scores[:, 0], yerr=scores[:, 1], capsize=4, color='tab:blue')
+  acc_ax.bar(x, acc[:, 0], yerr=acc[:, 1], capsize=4, color='tab:blue')
   if chance is not None:
     acc_ax.axhline(chance, color='grey', linestyle='--', label='chance')
     acc_ax.legend(fontsize=9)
   acc_ax.set_ylim(0.0, 1.0)
-  acc_ax.set_ylabel('final ACC')
-  acc_ax.set_title('Final ACC (mean ± std over seeds)')
-  bwt_ax.bar(x, scores[:, 2], yerr=scores[:, 3], capsize=4, color='tab:red')
+  acc_ax.set_ylabel(_PLOT_NAMES[acc_key])
+  acc_ax.set_title(f'{_PLOT_NAMES[acc_key]}\n'
+                   '(mean ± std over seeds)')
+  bwt_ax.bar(x, drop[:, 0], yerr=drop[:, 1], capsize=4, color='tab:red')
   bwt_ax.axhline(0.0, color='black', linewidth=0.8)
-  bwt_ax.set_ylabel('BWT')
-  bwt_ax.set_title('BWT (mean ± std over seeds)')
+  bwt_ax.set_ylabel(_PLOT_NAMES[drop_key])
+  bwt_ax.set_title(f'{_PLOT_NAMES[drop_key]}\n'
+                   '(mean ± std over seeds)')
   for ax in (acc_ax, bwt_ax):
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, ha='right', fontsize=9)

@@ -17,11 +17,17 @@ next, slower level; then the fast level's experts are freed.
   each is rewarded by gamma * r_sem + (1 - gamma) * r_abs against the
   teacher's continuation (sleep_jax.rewards), and the advantage is the
   reward minus its group's mean (GRPO without a KL term).
+* Anchor (optional, `anchor_weight` > 0): + anchor_weight * F(A||S) on
+  completions sampled by A, the pre-wake model. The new expert is always
+  on, so it also fires on old inputs; the teacher is the post-wake model, so
+  distilling from it alone copies whatever wake broke in old knowledge into
+  the slow level. A costs nothing to build: it is the student at
+  initialisation (fast experts reset, new expert B = 0), a frozen copy.
 * One loop on the host per step: draw replay prompts, sample with the
   shared sampler (sleep_jax.sampling), score rewards, then one jitted,
   sharded update (`compile_seeding_step`) that compiles once per
   (model, config, level) and is reused across sleep cycles: the new slot is
-  data (bool[E_max]), not a shape.
+  data (bool[E_max]), not a shape; so are the anchor's params.
 
 Sequences: prompts and completions are joined by `sleep_jax.sequences`.
 """
@@ -55,6 +61,7 @@ from sleep_jax.wake import level_params, with_level_params
 DIVERGENCES = ('jsd', 'forward_kl', 'reverse_kl')
 PROMPT_SOURCES = ('replay', 'bos', 'mixed')
 LAMBDA_MODES = ('sample', 'batch')
+ANCHOR_PROMPTS = ('bos', 'replay')
 
 
 # ------------------------------------------------------------------ config ---
@@ -82,6 +89,14 @@ class SeedingConfig:
   min_prompt_tokens: shortest replay prefix (BOS included).
   expansion: grow a new expert (True) or train the level's existing
     params instead (the "w/o expansion" ablation).
+  anchor_weight: weight of F(A||S), `divergence` from the pre-wake model A
+    (the student at initialisation, frozen) on A's own samples; 0 = off,
+    and then nothing of the anchor is sampled, stored or compiled.
+  anchor_prompts: what A continues: 'bos' (unconditional) or 'replay'
+    (prefixes of earlier sessions' rows, `consolidate(anchor_replay=)`;
+    BOS when there are none, e.g. in the first session).
+  anchor_batch_size / anchor_max_new_tokens: A's completions per KS step
+    and their length (sampled at `temperature`).
   """
 
   alpha: float = 0.5
@@ -104,6 +119,10 @@ class SeedingConfig:
   bos_fraction: float = 0.25
   min_prompt_tokens: int = 2
   expansion: bool = True
+  anchor_weight: float = 0.0
+  anchor_prompts: str = 'bos'
+  anchor_batch_size: int = 8
+  anchor_max_new_tokens: int = 16
 
   def __post_init__(self):
     key = 'sleep'
@@ -112,7 +131,8 @@ class SeedingConfig:
       if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f'{key}.{name}={value} must be in [0, 1].')
     choices = {'divergence': DIVERGENCES, 'prompt_source': PROMPT_SOURCES,
-               'lmbda_mode': LAMBDA_MODES, 'judge': rewards.JUDGES}
+               'lmbda_mode': LAMBDA_MODES, 'judge': rewards.JUDGES,
+               'anchor_prompts': ANCHOR_PROMPTS}
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
         raise ValueError(f'{key}.{name}={getattr(self, name)!r}; valid: '
@@ -127,8 +147,12 @@ class SeedingConfig:
     if self.temperature <= 0:
       raise ValueError(f'{key}.temperature={self.temperature} must be > 0: '
                        'Knowledge Seeding samples on-policy.')
+    if not float(self.anchor_weight) >= 0:
+      raise ValueError(f'{key}.anchor_weight={self.anchor_weight} must be >= 0 '
+                       '(0 turns the pre-wake anchor off).')
     for name in ('num_steps', 'batch_size', 'max_new_tokens',
-                 'min_prompt_tokens'):
+                 'min_prompt_tokens', 'anchor_batch_size',
+                 'anchor_max_new_tokens'):
       if int(getattr(self, name)) < 1:
         raise ValueError(f'{key}.{name}={getattr(self, name)} must be >= 1.')
     if self.learning_rate <= 0:
@@ -166,14 +190,17 @@ def make_optimizer(cfg: SeedingConfig) -> optax.GradientTransformation:
 
 
 def seeding_loss(model: nn.Module, cfg: SeedingConfig, params, model_state,
-                 teacher, batch: Mapping[str, jax.Array]):
-  """(alpha * F(T||S) + (1 - alpha) * L_PG, metrics). teacher = (params, state)."""
+                 teacher, batch: Mapping[str, jax.Array], anchor=None):
+  """(alpha * F(T||S) + (1 - alpha) * L_PG [+ anchor_weight * F(A||S)],
+  metrics). teacher / anchor = (params, state); anchor is used (and needed)
+  only when cfg.anchor_weight > 0."""
   student = lambda tokens: model.apply(
       transformer.variables(params, model_state), tokens)
+  frozen = lambda model_vars, tokens: jax.lax.stop_gradient(model.apply(
+      transformer.variables(*model_vars), tokens))
   loss, metrics = 0.0, {}
   if cfg.alpha > 0:
-    teacher_logits = jax.lax.stop_gradient(model.apply(
-        transformer.variables(*teacher), batch['gkd_tokens']))
+    teacher_logits = frozen(teacher, batch['gkd_tokens'])
     divergence = cfg.divergence_fn()(student(batch['gkd_tokens']),
                                      teacher_logits, batch['gkd_mask'])
     loss += cfg.alpha * divergence
@@ -185,6 +212,15 @@ def seeding_loss(model: nn.Module, cfg: SeedingConfig, params, model_state,
     pg_loss = -masked_mean(weighted, batch['lti_mask'])
     loss += (1.0 - cfg.alpha) * pg_loss
     metrics['pg_loss'] = pg_loss
+  if cfg.anchor_weight > 0:
+    if anchor is None:
+      raise ValueError(f'sleep.anchor_weight={cfg.anchor_weight} > 0 needs the '
+                       'anchor model: pass anchor=(params, model_state).')
+    tokens = batch['anchor_tokens']
+    anchored = cfg.divergence_fn()(student(tokens), frozen(anchor, tokens),
+                                   batch['anchor_mask'])
+    loss += cfg.anchor_weight * anchored
+    metrics['anchor_divergence'] = anchored
   metrics['loss'] = loss
   return loss, metrics
 
@@ -196,15 +232,20 @@ def trainable_mask(cfg: SeedingConfig, params, level: int, slots_E):
 
 
 def seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
-                 state: SeedingState, batch, teacher, slots_E):
-  """One Adam step on the trainable slots of `level`; the rest is untouched."""
+                 state: SeedingState, batch, teacher, slots_E, anchor=None):
+  """One Adam step on the trainable slots of `level`; the rest is untouched.
+
+  anchor: (params, model_state) of the pre-wake model when
+  cfg.anchor_weight > 0, else None.
+  """
   tx = make_optimizer(cfg)
   tree = level_params(state.params, level)
   mask = trainable_mask(cfg, state.params, level, slots_E)
 
   def loss_fn(tree):
     params = with_level_params(state.params, tree)
-    return seeding_loss(model, cfg, params, state.model_state, teacher, batch)
+    return seeding_loss(model, cfg, params, state.model_state, teacher, batch,
+                        anchor)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(tree)
   grads = growth.mask_tree(grads, mask)
@@ -242,34 +283,60 @@ def batch_keys(cfg: SeedingConfig) -> dict[str, int]:
     keys.update(gkd_tokens=2, gkd_mask=2)
   if cfg.alpha < 1:
     keys.update(lti_tokens=2, lti_mask=2, lti_advantages=1)
+  if cfg.anchor_weight > 0:
+    keys.update(anchor_tokens=2, anchor_mask=2)
   return keys
 
 
-@functools.lru_cache(maxsize=None)
 def compile_seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
                          mesh, rules):
-  """`step(state, batch, teacher, slots_E) -> (state, metrics)`, jitted once.
+  """`step(state, batch, teacher, slots_E, anchor=None) -> (state, metrics)`,
+  jitted once.
 
   Cached per (model, cfg, level, mesh, rules), so every sleep cycle reuses
-  the same compiled program; the state is donated, the teacher is not.
+  the same compiled program; the state is donated, the teacher and the
+  anchor are not. The anchor (pre-wake params, model_state) is an input
+  laid out like the teacher, so a new anchor each cycle is new data, not a
+  new program; with cfg.anchor_weight == 0 it is not an input at all.
   """
+  # How the anchor's rows are sampled never reaches the program (only their
+  # shapes do, which jit keys on anyway): one cache entry for every setting,
+  # so at anchor_weight=0 the program is the one without anchor knobs.
+  defaults = SeedingConfig()
+  cfg = dataclasses.replace(cfg, **{
+      name: getattr(defaults, name) for name in
+      ('anchor_prompts', 'anchor_batch_size', 'anchor_max_new_tokens')})
+  return _compile_seeding_step(model, cfg, level, mesh, rules)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
+                          mesh, rules):
   state_shardings = seeding_state_shardings(model, cfg, level, mesh, rules)
   replicated = sharding_lib.replicated(mesh)
   batch_shardings = {k: sharding_lib.batch_sharding(mesh, rules, ndim)
                      for k, ndim in batch_keys(cfg).items()}
   teacher_shardings = (state_shardings.params, state_shardings.model_state)
+  in_shardings = (state_shardings, batch_shardings, teacher_shardings,
+                  replicated)
+  anchored = cfg.anchor_weight > 0
+  if anchored:
+    in_shardings += (teacher_shardings,)
   compiled = sharding_lib.compile_step(
       functools.partial(seeding_step, model, cfg, level), mesh, rules,
-      in_shardings=(state_shardings, batch_shardings, teacher_shardings,
-                    replicated),
-      out_shardings=(state_shardings, replicated))
+      in_shardings=in_shardings, out_shardings=(state_shardings, replicated))
 
-  def step(state, batch, teacher, slots_E):
+  def step(state, batch, teacher, slots_E, anchor=None):
     # Rollouts come from the sampler wherever it left them: lay the batch
     # out over the mesh here.
     batch, slots_E = jax.device_put((batch, slots_E),
                                     (batch_shardings, replicated))
-    return compiled(state, batch, teacher, slots_E)
+    if not anchored:
+      return compiled(state, batch, teacher, slots_E)
+    if anchor is None:
+      raise ValueError(f'sleep.anchor_weight={cfg.anchor_weight} > 0 needs the '
+                       'anchor model: pass anchor=(params, model_state).')
+    return compiled(state, batch, teacher, slots_E, anchor)
 
   step.jitted = compiled.jitted
   step.state_shardings = state_shardings
@@ -288,23 +355,48 @@ def draw_prompts(replay: Mapping[str, np.ndarray], cfg: SeedingConfig,
   random prefix of [min_prompt_tokens, length - 1] tokens, so there is always
   something left to continue.
   """
-  tokens, lengths = np.asarray(replay['tokens']), np.asarray(replay['lengths'])
-  batch, width = cfg.batch_size, tokens.shape[1]
-  prompts = np.full((batch, width), pad_id, np.int32)
-  prompt_lengths = np.ones((batch,), np.int32)
+  batch = cfg.batch_size
   from_bos = {'replay': np.zeros(batch, bool), 'bos': np.ones(batch, bool),
               'mixed': rng.random(batch) < cfg.bos_fraction}[cfg.prompt_source]
+  return _prefixes(replay, from_bos, cfg.min_prompt_tokens, rng, bos_id,
+                   pad_id)
+
+
+def _prefixes(replay, from_bos_B, min_prompt_tokens: int,
+              rng: np.random.Generator, bos_id: int, pad_id: int):
+  """draw_prompts' rows: BOS where `from_bos_B`, else a replay prefix."""
+  tokens, lengths = np.asarray(replay['tokens']), np.asarray(replay['lengths'])
+  batch, width = len(from_bos_B), tokens.shape[1]
+  prompts = np.full((batch, width), pad_id, np.int32)
+  prompt_lengths = np.ones((batch,), np.int32)
   rows = rng.integers(len(tokens), size=batch)
   for b in range(batch):
-    if from_bos[b]:
+    if from_bos_B[b]:
       prompts[b, 0] = bos_id
       continue
     length = int(lengths[rows[b]])
-    low = min(cfg.min_prompt_tokens, length - 1)
+    low = min(min_prompt_tokens, length - 1)
     keep = int(rng.integers(max(low, 1), max(length - 1, 1) + 1))
     prompts[b, :keep] = tokens[rows[b], :keep]
     prompt_lengths[b] = keep
   return prompts, prompt_lengths
+
+
+def draw_anchor_prompts(anchor_replay: Mapping[str, np.ndarray] | None,
+                        cfg: SeedingConfig, rng: np.random.Generator,
+                        bos_id: int, pad_id: int):
+  """`anchor_batch_size` prompts for the anchor's completions.
+
+  'replay': prefixes of `anchor_replay` rows (earlier sessions; drawn as
+  `draw_prompts` draws replay prefixes). 'bos', or no earlier rows (None or
+  empty: the first session has none): BOS alone, int32[B, 1].
+  """
+  batch = cfg.anchor_batch_size
+  if (cfg.anchor_prompts == 'bos' or anchor_replay is None
+      or not len(anchor_replay['tokens'])):
+    return (np.full((batch, 1), bos_id, np.int32), np.ones((batch,), np.int32))
+  return _prefixes(anchor_replay, np.zeros(batch, bool), cfg.min_prompt_tokens,
+                   rng, bos_id, pad_id)
 
 
 @jax.jit
@@ -327,6 +419,20 @@ def group_advantages(rewards_BxG, normalize: bool):
   if normalize:
     centred = centred / (rewards_BxG.std(axis=1, keepdims=True) + 1e-6)
   return centred
+
+
+def anchor_rollout(model, cfg: SeedingConfig, anchor, prompts, prompt_lengths,
+                   rng, *, eos_id, pad_id) -> dict:
+  """The anchor's own completions of `prompts` (anchor = (params, state)), as
+  batch rows {'anchor_tokens', 'anchor_mask'} (sequences.join's layout)."""
+  prompts, prompt_lengths = jnp.asarray(prompts), jnp.asarray(prompt_lengths)
+  out = sampling.sample(model, anchor[0], prompts, prompt_lengths,
+                        max_new_tokens=cfg.anchor_max_new_tokens, rng=rng,
+                        temperature=cfg.temperature, eos_id=eos_id,
+                        pad_id=pad_id, model_state=anchor[1])
+  tokens, mask = join(prompts, prompt_lengths, out.tokens, out.lengths,
+                      pad_id=pad_id)
+  return {'anchor_tokens': tokens, 'anchor_mask': mask}
 
 
 class Rollout(NamedTuple):
@@ -427,7 +533,8 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
                 bos_id: int, eos_id: int | None, pad_id: int = 0, judge=None,
                 decode: Callable[[list[int]], str] | None = None, mesh=None,
                 rules=sharding_lib.DEFAULT_RULES,
-                on_step: Callable[[int, dict], None] | None = None
+                on_step: Callable[[int, dict], None] | None = None,
+                anchor_replay: Mapping[str, np.ndarray] | None = None
                 ) -> Consolidation:
   """Knowledge Seeding for the level pair (level - 1 -> level).
 
@@ -436,13 +543,25 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
   student as the new model: the new expert active, level - 1's consolidated
   experts reset (free for the next wake). `rng` is a PRNG key; the same key,
   config and inputs give the same result.
+
+  With cfg.anchor_weight > 0 the student at initialisation (= the pre-wake
+  model) is kept frozen as the anchor; each step it continues
+  `draw_anchor_prompts` prompts: BOS, or with anchor_prompts='replay'
+  prefixes of `anchor_replay` ({'tokens', 'lengths'} rows of earlier
+  sessions, like `replay`; None or empty falls back to BOS). Its keys and
+  host draws are its own, so the GKD/LTI rollouts draw the same randomness
+  whether the anchor is on or off.
   """
   _check(model, model_state, level, cfg, judge, decode)
   mesh = mesh or sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
                                         jax.devices()[:1])
   rules = tuple(tuple(r) for r in rules)
-  for name, rows in (('batch_size', cfg.batch_size),
-                     ('batch_size * group_size', cfg.batch_size * cfg.group_size)):
+  anchored = cfg.anchor_weight > 0
+  sizes = (('batch_size', cfg.batch_size),
+           ('batch_size * group_size', cfg.batch_size * cfg.group_size))
+  if anchored:
+    sizes += (('anchor_batch_size', cfg.anchor_batch_size),)
+  for name, rows in sizes:
     if rows % _data_size(mesh):
       raise ValueError(f'sleep.{name}={rows} must divide evenly over the '
                        f'{_data_size(mesh)} data-parallel devices of the mesh.')
@@ -473,6 +592,17 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
       init_seeding_state(cfg, student_params, student_state, level), shardings,
       may_alias=False)
   slots_E = jax.device_put(jnp.asarray(slots_E), sharding_lib.replicated(mesh))
+  anchor = None
+  if anchored:
+    # The pre-wake model, frozen: the state above is a copy, so the student's
+    # initial buffers outlive the donations. Derived keys of its own (a
+    # fold_in, not a split of loop_rng), so that turning the anchor on or
+    # off leaves every other draw as it was.
+    anchor = jax.device_put((student_params, student_state),
+                            (shardings.params, shardings.model_state))
+    anchor_rng = jax.random.fold_in(loop_rng, 1)
+    anchor_host_rng = np.random.default_rng(
+        np.asarray(jax.random.key_data(anchor_rng)).ravel().tolist())
   progress = metrics_lib.Progress(cfg.num_steps, what='KS step')
   history, pending = [], None
   for i in range(cfg.num_steps):
@@ -481,7 +611,14 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
     out = rollout(model, cfg, (state.params, state.model_state), teacher,
                   prompts, prompt_lengths, step_rng, eos_id=eos_id,
                   pad_id=pad_id, host_rng=host_rng, judge=judge, decode=decode)
-    state, step_metrics = step_fn(state, out.batch, teacher, slots_E)
+    batch = out.batch
+    if anchored:
+      anchor_rng, anchor_step_rng = jax.random.split(anchor_rng)
+      batch = {**batch, **anchor_rollout(
+          model, cfg, anchor, *draw_anchor_prompts(
+              anchor_replay, cfg, anchor_host_rng, bos_id, pad_id),
+          anchor_step_rng, eos_id=eos_id, pad_id=pad_id)}
+    state, step_metrics = step_fn(state, batch, teacher, slots_E, anchor)
     if pending is not None:  # fetch step i-1's metrics after dispatching step i
       history.append(_finish(pending, i - 1, on_step))
     pending = (step_metrics, out.metrics)

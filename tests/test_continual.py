@@ -87,6 +87,38 @@ def test_smoke_writes_every_output(reference):
     assert entry['bwt'] == pytest.approx(np.mean(bwts))
     assert [run['seed'] for run in entry['per_seed']] == [0, 1]
     assert entry['params'] > 0 and entry['seconds'] > 0
+    # Headline scores: every item known after the last cycle, base included.
+    items = results['items']
+    for run in entry['per_seed']:
+      pooled = (items['base'] * run['final_base_acc'] + sum(
+          n * a for n, a in zip(items['sessions'], run['acc_matrix'][-1]))) / (
+              items['base'] + sum(items['sessions']))
+      assert run['final_acc_all'] == pytest.approx(pooled)
+      # Two sessions: the best-ever on session 0 is its first value.
+      assert run['forgetting'] == pytest.approx(
+          run['acc_matrix'][0][0] - run['acc_matrix'][1][0])
+    for key in ('final_acc_all', 'final_base_acc', 'forgetting'):
+      assert entry[key] == pytest.approx(
+          np.mean([run[key] for run in entry['per_seed']]))
+      assert entry[f'{key}_std'] == pytest.approx(
+          np.std([run[key] for run in entry['per_seed']], ddof=1))
+    assert entry['base_acc'] == entry['final_base_acc']  # DESIGN §8 readers
+    # Per-stage recall explains each cycle: after wake for every method
+    # that learns in wake, then after each sleep stage it ran.
+    stages = entry['per_seed'][0]['cycles'][-1]['stages']
+    expected = {'seal': [], 'no_consolidation': ['wake']}.get(name)
+    if expected is None:
+      expected = (['wake'] + (['consolidation'] if
+                              lifecycle.METHODS[name].consolidate else []) +
+                  (['dreaming'] if lifecycle.METHODS[name].dream else []))
+    if name == 'seal':
+      expected = ['dreaming']
+    assert list(stages) == expected, name
+    for values in stages.values():
+      assert set(values) == {'session', 'base', 'session_probe'}
+  # The compute-matched baseline runs as many rows as a Sleep cycle.
+  assert results['finetune_compute_steps'] == -(-continual.sleep_training_rows(
+      continual_config.get_config('smoke'), 2) // 4)
   # Sleep grows one slow expert per session; fine-tuning grows nothing.
   sleep_params = results['methods']['sleep']['params']
   assert sleep_params > results['methods']['finetune']['params']
@@ -169,6 +201,68 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
   assert '[sleep seed 1] resuming after cycle 1' in stdout
   assert '[sleep seed 1] cycle 2: sleep' in stdout
   check_equal()
+
+
+# Runs the smoke job with every held-out item's answer replaced by another
+# item's, and counts the evaluations of the true and the poisoned items.
+_POISONED_RUN = """
+import numpy as np
+from absl import app
+from experiments import continual as main
+from sleep_jax import continual
+from sleep_jax import eval as eval_lib
+
+load, recall = continual.load_world, eval_lib.recall_accuracy
+held_out, poison, seen = [], [], {'held_out': 0, 'poisoned': 0}
+
+def poisoned(*args, **kwargs):
+  world = load(*args, **kwargs)
+  garbage = lambda items: {**items, 'targets': np.roll(items['targets'], 1, 0)}
+  held_out.extend([world.base_items['targets']] +
+                  [s.items['targets'] for s in world.sessions])
+  world.base_items = garbage(world.base_items)
+  for session in world.sessions:
+    session.items = garbage(session.items)
+  poison.extend([world.base_items['targets']] +
+                [s.items['targets'] for s in world.sessions])
+  return world
+
+def spy(model, params, state, encoded, **kwargs):
+  for key, arrays in (('held_out', held_out), ('poisoned', poison)):
+    seen[key] += any(np.array_equal(encoded['targets'], a) for a in arrays)
+  return recall(model, params, state, encoded, **kwargs)
+
+continual.load_world, eval_lib.recall_accuracy = poisoned, spy
+try:
+  app.run(main.main)
+finally:
+  print('evaluations:', seen)
+"""
+
+
+def test_held_out_items_leak_into_nothing_poisoned_run_trains_the_same(
+    reference, env, tmp_path):
+  """If a held-out item fed any training, reward or selection signal,
+  replacing every held-out answer would change what some method trains."""
+  ref_dir, _ = reference
+  workdir = str(tmp_path / 'poisoned')
+  methods = ('sleep', 'finetune_anchor', 'replay_all', 'seal')
+  proc = subprocess.run(
+      [sys.executable, '-u', '-c', _POISONED_RUN, SMOKE, f'--workdir={workdir}',
+       f'--config.methods={methods}', '--config.seeds=(1,)'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The evaluation saw the poisoned items (so the check below is not
+  # vacuous) and never the true ones: the base model once, each method's
+  # 2 cycles (base + the sessions so far: 2 + 3), and each stage's session
+  # and base recall (sleep 3 stages, the others 1): 1 + 4 * 5 + 2 * 2 * 6.
+  seen = proc.stdout.split('evaluations: ')[-1].strip()
+  assert seen == "{'held_out': 0, 'poisoned': 45}", seen
+  for method in methods:
+    a = _final_state(ref_dir, method, 1, 1)
+    b = _final_state(workdir, method, 1, 1)
+    for x, y in zip(jax_leaves(a), jax_leaves(b)):
+      np.testing.assert_array_equal(x, y)
 
 
 def jax_leaves(tree):

@@ -393,6 +393,122 @@ def test_rehearsal_trains_only_the_unlocked_slot(with_replay):
   assert changed and all(changed)
 
 
+def with_fast_expert(params, state):
+  """Another model: a level-0 expert grown with B != 0, so the function and
+  the expert masks both differ from the input's."""
+  params, state, slot = growth.grow(params, state, 0, jax.random.key(7))
+  flat = traverse_util.flatten_dict(params, sep='/')
+  for path in flat:
+    if 'level_0/lowrank_b' in path:
+      noise = jax.random.normal(jax.random.key(len(path)), flat[path].shape[1:])
+      flat[path] = flat[path].at[slot].set(2.0 * noise)
+  return traverse_util.unflatten_dict(flat, sep='/'), state
+
+
+def dream_rows_and_replay(model, params, state, anchor=None):
+  tokens, lengths = random_rows(5, 8, seed=2)
+  rows, mask = dream_sft.dream_rows(tokens[:, 1:], lengths - 1, bos_id=BOS,
+                                   pad_id=PAD)
+  replay = dream_sft.self_replay(
+      model, dataclasses.replace(CFG, replay_samples=3), params, state,
+      jax.random.key(0), bos_id=BOS, eos_id=EOS, pad_id=PAD, anchor=anchor)
+  return np.asarray(rows), np.asarray(mask), replay
+
+
+def test_rehearsal_anchored_to_the_model_before_is_the_default():
+  """anchor=(params, model_state) of the model before rehearsal is the same
+  model as anchor=None: the same replay rows, bit-identical params and
+  losses."""
+  model, params, state, slot = make_model()
+  rows, mask, replay = dream_rows_and_replay(model, params, state)
+  _, _, same_replay = dream_rows_and_replay(model, params, state,
+                                            anchor=(params, state))
+  for key in replay:
+    np.testing.assert_array_equal(same_replay[key], replay[key])
+  run = lambda anchor: dream_sft.rehearse(
+      model, CFG, params, state, rows, mask, level=1, slots=[slot],
+      host_rng=np.random.default_rng(0), replay=replay, anchor=anchor)
+  default, losses = run(None)
+  anchored, anchored_losses = run((params, state))
+  np.testing.assert_array_equal(anchored_losses, losses)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(anchored),
+               jax.device_get(default))
+
+
+def np_forward_kl(student_logits, teacher_logits, mask):
+  """KL(teacher || student) per masked position, averaged (numpy, float64)."""
+  def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  log_s, log_t = log_softmax(student_logits), log_softmax(teacher_logits)
+  per = (np.exp(log_t) * (log_t - log_s)).sum(-1)
+  return float((per * mask).sum() / max(mask.sum(), 1.0))
+
+
+def test_rehearsal_replays_and_distils_from_a_given_anchor():
+  """With another model as anchor (other params, other expert masks), the
+  replay rows are its samples and the replay term's teacher is it: at step
+  0 the student is the model before rehearsal, so the first loss is the SFT
+  loss + rehearse_replay * KL(anchor || model), computed here by hand (and
+  with no anchor the KL term is 0)."""
+  model, params, state, slot = make_model()
+  anchor = with_fast_expert(params, state)
+  assert not np.array_equal(anchor[1]['cms']['level_0'],
+                            state['cms']['level_0'])
+  rows, mask, replay = dream_rows_and_replay(model, params, state,
+                                             anchor=anchor)
+  _, _, own = dream_rows_and_replay(model, *anchor)
+  for key in replay:
+    np.testing.assert_array_equal(replay[key], own[key])
+  first_loss = lambda anchor: dream_sft.rehearse(
+      model, CFG, params, state, rows, mask, level=1, slots=[slot],
+      host_rng=np.random.default_rng(0), replay=replay, anchor=anchor)[1][0]
+  # The rows rehearse's first step draws: dream rows, then replay rows.
+  host_rng = np.random.default_rng(0)
+  steps, size = CFG.rehearse_steps, CFG.rehearse_batch_size
+  tokens, masks = (x[0] for x in dream_sft._batches(rows, mask, steps, size,
+                                                    host_rng))
+  r_tokens, r_mask = (x[0] for x in dream_sft._batches(
+      replay['tokens'], replay['mask'], steps, size, host_rng))
+  sft = float(dream_sft.sft_loss(model, params, state, tokens, masks))
+  logits = lambda p, s: model.apply({'params': p, **s}, r_tokens)
+  kl = np_forward_kl(logits(params, state), logits(*anchor), r_mask)
+  assert kl > 1e-3
+  np.testing.assert_allclose(first_loss(anchor),
+                             sft + CFG.rehearse_replay * kl, rtol=1e-4)
+  np.testing.assert_allclose(first_loss(None), sft, rtol=1e-5)
+
+
+def test_dream_hands_its_anchor_to_replay_and_rehearsal(monkeypatch):
+  """dream(anchor=) reaches both the replay sampler and rehearsal's KL
+  teacher (the two tests above check what each does with it)."""
+  model, params, state, slot = make_model()
+  accepted = {'tokens': np.ones((2, 7), np.int32),
+              'mask': np.ones((2, 7), np.float32)}
+  monkeypatch.setattr(dreaming, 'rest_em',
+                      lambda *args, **kwargs: (None, [], accepted))
+  seen = {}
+
+  def fake_replay(*args, anchor=None, **kwargs):
+    seen['replay'] = anchor
+    return accepted
+
+  def fake_rehearse(model, cfg, params, *args, replay=None, anchor=None,
+                    **kwargs):
+    seen['rehearse'] = (replay, anchor)
+    return params, np.zeros((cfg.rehearse_steps,), np.float32)
+  monkeypatch.setattr(dreaming, 'self_replay', fake_replay)
+  monkeypatch.setattr(dreaming, 'rehearse', fake_rehearse)
+  pre_wake = with_fast_expert(params, state)
+  for anchor in (pre_wake, None):
+    dreaming.dream(model, CFG, params, state, make_tasks(), jax.random.key(0),
+                   level=1, slots=[slot], bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                   anchor=anchor)
+    assert seen['replay'] is anchor
+    assert seen['rehearse'][0] is accepted and seen['rehearse'][1] is anchor
+
+
 def test_rehearsal_of_zero_steps_returns_the_params():
   model, params, state, slot = make_model()
   tokens, lengths = random_rows(3, 8, seed=2)

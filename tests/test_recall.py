@@ -22,15 +22,21 @@ def test_world_is_deterministic_and_names_are_unique():
   text = ' '.join(facts.passages(person, rng))
   for _, value in person.attributes:
     assert value in text
-  prompt, answer = facts.recall_items(person)[0]
-  assert prompt == f'{person.name} lives in' and answer == ' ' + person.get('city')
+  for item in facts.held_out_items(person) + facts.probe_items(person):
+    attribute = item.id.split('/')[1]
+    assert item.answer == ' ' + person.get(attribute)
+    assert person.name in item.prompt and not item.prompt.endswith(' ')
+  probe = {i.prompt for i in facts.probe_items(person)}
+  assert f'{person.name} lives in' in probe | {
+      i.prompt for i in facts.held_out_items(person)}
 
 
 def test_recall_accuracy_equals_greedy_decoding_of_the_answer():
   people = facts.make_people(30, 0)
   tokenizer = SentencePieceTokenizer.train(
-      [s for p in people for s in facts.all_sentences(p)], 320)
-  items = [it for p in people[:8] for it in facts.recall_items(p)]
+      [s for p in people for s in facts.passage_sentences(p)], 320)
+  items = facts.pairs([it for p in people[:8]
+                       for it in facts.held_out_items(p)])
   encoded = eval_lib.encode_items(tokenizer, items, 48)
   config = TransformerConfig(vocab_size=320, d_model=32, num_layers=1,
                              num_heads=4, num_kv_heads=2, d_ff=64)

@@ -121,3 +121,130 @@ def test_report_without_optional_fields(tmp_path):
   text = (tmp_path / 'report.md').read_text()
   assert '50.0 ± 0.0' in text and '-20.0 ± 0.0' in text
   _check_pngs(tmp_path, ['replay'])
+
+
+_HEADER = ('| Method | Final ACC all (base + sessions) | Base recall | '
+           'Final ACC (sessions) | BWT | Forgetting | Params | Seconds | '
+           'Paper reference |')
+
+
+def test_report_headline_columns(tmp_path):
+  results = _results(_PER_SEED, [0, 1])
+  new_keys = {
+      'sleep': {'final_acc_all': 0.8123, 'final_acc_all_std': 0.0151,
+                'final_base_acc': 0.9, 'final_base_acc_std': 0.005,
+                'forgetting': 0.15, 'forgetting_std': 0.0},
+      'finetune': {'final_acc_all': 0.3, 'final_acc_all_std': 0.02,
+                   'final_base_acc': 0.1249, 'final_base_acc_std': 0.0751,
+                   'forgetting': 0.615, 'forgetting_std': 0.0283},
+  }
+  for name, keys in new_keys.items():
+    results['methods'][name].update(keys)
+  results['methods']['replay_all'] = results['methods'].pop('my_new_method')
+  results['methods']['replay_all'].update(
+      final_acc_all=1.0, final_acc_all_std=0.0, final_base_acc=1.0,
+      final_base_acc_std=0.0, forgetting=-0.004, forgetting_std=0.001)
+  report.write_report(results, str(tmp_path))
+  lines = (tmp_path / 'report.md').read_text().splitlines()
+  assert _HEADER in lines
+  # final ACC and BWT from results: sleep (75.67, -15.0), finetune (48.0,
+  # -61.5), replay_all = my_new_method's (45.17, -8.5), stds with ddof=0.
+  assert ('| Sleep | 81.2 ± 1.5 | 90.0 ± 0.5 | 75.7 ± 2.0 | -15.0 ± 0.0 | '
+          '15.0 ± 0.0 | 1,234,567 | 42 | 44.3 (SQuAD CPT) |') in lines
+  assert ('| Continual fine-tuning | 30.0 ± 2.0 | 12.5 ± 7.5 | 48.0 ± 0.7 | '
+          '-61.5 ± 2.0 | 61.5 ± 2.8 | 1,234,567 | 42 | 32.0 (SQuAD CPT) |'
+          ) in lines
+  # -0.4 points of forgetting: printed unsigned, not as +/-0.0.
+  assert ('| Fine-tuning + replay of everything (oracle buffer) | '
+          '100.0 ± 0.0 | 100.0 ± 0.0 | 45.2 ± 0.5 | -8.5 ± 0.5 | -0.4 ± 0.1 | '
+          '1,234,567 | 42 | — |') in lines
+  text = '\n'.join(lines)
+  assert '*Final ACC all*' in text and 'weighted by items' in text
+  assert 'Chaudhry et al. 2018' in text
+  # The bar chart plots the new scores when every method has them.
+  assert report._plot_scores(results['methods'], 'final_acc_all',
+                             'final_acc')[0] == 'final_acc_all'
+  _check_pngs(tmp_path, ['sleep', 'finetune', 'replay_all'])
+
+
+def test_report_old_results_without_new_keys(tmp_path):
+  # results.json from before final_acc_all / final_base_acc / forgetting.
+  # Session 0 of seed 0 peaks after cycle 1, not on the diagonal.
+  matrices = [[[0.4], [0.9, 0.8], [0.5, 0.6, 0.7]],
+              [[0.6], [0.7, 0.8], [0.5, 0.7, 0.9]]]
+  results = _results({'replay': matrices}, [0, 1])
+  method = results['methods']['replay']
+  method['base_acc'] = 0.75
+  for run, base in zip(method['per_seed'], (0.8, 0.7)):
+    run['base_acc'] = base
+  assert not {'final_acc_all', 'final_base_acc', 'forgetting'} & set(method)
+  report.write_report(results, str(tmp_path))
+  lines = (tmp_path / 'report.md').read_text().splitlines()
+  assert _HEADER in lines
+  # Final ACC: seed 0 (0.5 + 0.6 + 0.7) / 3 = 0.6, seed 1 (0.5 + 0.7 + 0.9)
+  # / 3 = 0.7: 65.0 ± 5.0 (std ddof=0 as _results wrote it).
+  # BWT: seed 0 ((0.5 - 0.4) + (0.6 - 0.8)) / 2 = -0.05, seed 1
+  # ((0.5 - 0.6) + (0.7 - 0.8)) / 2 = -0.1: -7.5 ± 2.5.
+  # Base recall from base_acc: 75.0; std over seeds, ddof=1:
+  # |0.8 - 0.7| / sqrt(2) = 0.0707 -> 7.1.
+  # Forgetting, per seed: seed 0 (max(0.4, 0.9) - 0.5 + 0.8 - 0.6) / 2 = 0.3,
+  # seed 1 (max(0.6, 0.7) - 0.5 + 0.8 - 0.7) / 2 = 0.15: mean 0.225, std
+  # ddof=1 0.15 / sqrt(2) = 0.106. Final ACC all needs item counts: a dash.
+  assert ('| Fine-tuning + replay | — | 75.0 ± 7.1 | 65.0 ± 5.0 | '
+          '-7.5 ± 2.5 | 22.5 ± 10.6 | 1,234,567 | 42 | — |') in lines
+  assert report._plot_scores(results['methods'], 'final_acc_all',
+                             'final_acc')[0] == 'final_acc'
+  _check_pngs(tmp_path, ['replay'])
+
+
+def test_report_matrix_only_shows_dashes(tmp_path):
+  results = {'methods': {'finetune_anchor': {
+      'acc_matrix': [[0.5, None], [0.3, 0.7]]}}}
+  report.write_report(results, str(tmp_path))
+  lines = (tmp_path / 'report.md').read_text().splitlines()
+  # ACC (0.3 + 0.7) / 2 = 0.5, BWT 0.3 - 0.5 = -0.2, forgetting 0.5 - 0.3.
+  assert ('| Continual fine-tuning + anchor (LwF-style) | — | — | '
+          '50.0 ± 0.0 | -20.0 ± 0.0 | 20.0 ± 0.0 | — | — | — |') in lines
+  assert 'after each stage' not in '\n'.join(lines)
+
+
+def test_report_stage_table(tmp_path):
+  results = _results({'sleep': _PER_SEED['sleep'],
+                      'finetune': _PER_SEED['finetune']}, [0, 1])
+  stages = [  # [seed][cycle]; seed 1 skipped dreaming in cycle 1
+      [{'wake': {'session': 0.95, 'base': 0.60},
+        'consolidation': {'session': 0.90, 'base': 0.70},
+        'dreaming': {'session': 0.92, 'base': 0.72}},
+       {'wake': {'session': 0.97, 'base': 0.50},
+        'consolidation': {'session': 0.80, 'base': 0.66},
+        'dreaming': {'session': 0.85, 'base': 0.68}},
+       {'wake': {'session': 0.99, 'base': 0.40},
+        'consolidation': {'session': 0.86, 'base': 0.64}}],
+      [{'wake': {'session': 0.85, 'base': 0.50},
+        'consolidation': {'session': 0.80, 'base': 0.60},
+        'dreaming': {'session': 0.84, 'base': 0.62}},
+       {'wake': {'session': 0.93, 'base': 0.40},
+        'consolidation': {'session': 0.82, 'base': 0.64}},
+       {'wake': {'session': 0.91, 'base': 0.30},
+        'consolidation': {'session': 0.84, 'base': 0.60}}]]
+  for run, cycles in zip(results['methods']['sleep']['per_seed'], stages):
+    run['cycles'] = [{'base_acc': 0.5, 'stages': s} for s in cycles]
+  # Fine-tuning records no stage: no table for it.
+  for run in results['methods']['finetune']['per_seed']:
+    run['cycles'] = [{'base_acc': 0.5, 'stages': {}}] * 3
+  report.write_report(results, str(tmp_path))
+  text = (tmp_path / 'report.md').read_text()
+  lines = text.splitlines()
+  assert text.count('after each stage') == 1
+  assert ('| Cycle | wake session | wake base | consolidation session | '
+          'consolidation base | dreaming session | dreaming base |') in lines
+  # Cycle 0: wake (0.95 + 0.85) / 2 = 0.90, (0.60 + 0.50) / 2 = 0.55;
+  # consolidation 0.85, 0.65; dreaming (0.92 + 0.84) / 2 = 0.88, 0.67.
+  assert '| 0 | 90.0 | 55.0 | 85.0 | 65.0 | 88.0 | 67.0 |' in lines
+  # Cycle 1: dreaming from seed 0 alone.
+  assert '| 1 | 95.0 | 45.0 | 81.0 | 65.0 | 85.0 | 68.0 |' in lines
+  # Cycle 2: no seed dreamt.
+  assert '| 2 | 95.0 | 35.0 | 85.0 | 62.0 |  |  |' in lines
+  # The table follows Sleep's accuracy matrix, before fine-tuning's.
+  assert (text.index('## Sleep') < text.index('| Cycle |')
+          < text.index('## Continual fine-tuning'))

@@ -15,13 +15,16 @@ def test_builder_writes_what_the_generator_says_and_grain_reads_it(tmp_path):
   assert any(name.endswith('.array_record') or 'array_record' in name
              for name in __import__('os').listdir(path))
   sources = world_tfds.load(str(tmp_path), WORLD)
-  assert len(sources['passages']) == 9 * 2 and len(sources['questions']) == 9 * 3
+  assert len(sources['passages']) == 9 * 2 and len(sources['questions']) == 9 * 15
   # Reference: the Python generator itself, independent of TFDS.
   people = facts.make_people(9, seed=3)
   for session, expected in ((0, people[:5]), (1, people[5:7]), (2, people[7:])):
     questions = world_tfds.session_records(sources['questions'], session)
-    assert sorted((q['prompt'], q['answer']) for q in questions) == sorted(
-        item for p in expected for item in facts.recall_items(p))
+    for split, items in (('held_out', facts.held_out_items),
+                         ('probe', facts.probe_items)):
+      assert sorted((q['item_id'], q['prompt'], q['answer'])
+                    for q in questions if q['split'] == split) == sorted(
+                        item for p in expected for item in items(p))
     passages = world_tfds.session_records(sources['passages'], session)
     assert {p['person'] for p in passages} == {p.name for p in expected}
     for record in passages:

@@ -1,15 +1,27 @@
 """A world of fictional people and their attributes, as text (CPU-sized).
 
 Each person has a unique two-part name and attributes (city, job, pet).
-`passages(person, rng)` renders facts about them with paraphrase variety;
-`recall_items(person)` gives closed-book completion prompts ("<Name> lives
-in") with the attribute as the answer, using the first template of each
-attribute so recall is asked in one fixed form. Same seed -> same world.
+Every attribute can be stated in `len(_TEMPLATES[a])` forms. Per person
+and attribute, `HELD_OUT_FORMS` of them are *held out*: they are never
+written in any passage about that person, and only the final evaluation
+asks them (`held_out_items`). The other forms are the person's *passage
+forms*: `passages(person, rng)` renders facts in them, and `probe_items`
+asks them — the only items any training, reward or selection signal may
+use (the text of a probe item is a sentence of the passages anyway).
+
+So a held-out question is a paraphrase the model never read about that
+person (it read that form about other people): answering it needs the
+fact, not the memorised sentence, as the paper's questions are not cloze
+copies of its passages. Which forms a person holds out follows from their
+name alone. Same seed -> same world.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,15 +40,31 @@ ATTRIBUTES = {
             'parrot', 'rabbit', 'turtle', 'lizard'),
 }
 
-# Per attribute: templates; the first is the recall form (prompt + answer).
+# Per attribute: the forms a fact can be stated in. Each ends with the
+# value, so a form's prefix is a closed-book question and the value its
+# answer.
 _TEMPLATES = {
     'city': ('{name} lives in {value}.', 'The home of {name} is {value}.',
-             '{name} has a house in {value}.'),
+             '{name} has a house in {value}.', '{name} resides in {value}.',
+             'The town where {name} lives is {value}.'),
     'job': ('{name} works as a {value}.', 'By trade, {name} is a {value}.',
-            '{name} earns a living as a {value}.'),
+            '{name} earns a living as a {value}.',
+            '{name} is employed as a {value}.',
+            'The job of {name} is that of a {value}.'),
     'pet': ('{name} owns a {value}.', 'The pet of {name} is a {value}.',
-            '{name} takes care of a {value}.'),
+            '{name} takes care of a {value}.', '{name} keeps a {value}.',
+            'The animal {name} looks after is a {value}.'),
 }
+# Forms per attribute that a person's passages never use (evaluation only).
+HELD_OUT_FORMS = 2
+
+
+class Item(NamedTuple):
+  """A closed-book question: `prompt` + `answer` is the fact in form `form`.
+  `id` ("<name>/<attribute>/<form>") names it across the whole world."""
+  id: str
+  prompt: str
+  answer: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,29 +107,66 @@ def strangers(count: int, taken_names, seed: int) -> list[Person]:
   return [p for p in people if p.name not in taken][:count]
 
 
+@functools.lru_cache(maxsize=None)
+def held_out_forms(person: Person) -> dict[str, tuple[int, ...]]:
+  """Per attribute, the forms never written about `person` (from the name
+  alone, so adding people or sessions never moves anyone's split)."""
+  seed = int.from_bytes(hashlib.sha256(person.name.encode()).digest()[:8],
+                        'little')
+  rng = np.random.default_rng(seed)
+  return {a: tuple(sorted(int(f) for f in rng.permutation(
+      len(_TEMPLATES[a]))[:HELD_OUT_FORMS])) for a, _ in person.attributes}
+
+
+def passage_forms(person: Person, attribute: str) -> tuple[int, ...]:
+  """The forms `person`'s passages may state `attribute` in."""
+  held = held_out_forms(person)[attribute]
+  return tuple(f for f in range(len(_TEMPLATES[attribute])) if f not in held)
+
+
 def passages(person: Person, rng: np.random.Generator) -> list[str]:
-  """One sentence per attribute, each in a randomly chosen paraphrase."""
-  return [paraphrase(a, person.name, value, rng)
-          for a, value in person.attributes]
+  """One sentence per attribute, each in a randomly chosen passage form."""
+  return [paraphrase(person, a, rng) for a, _ in person.attributes]
 
 
-def paraphrase(attribute: str, name: str, value: str,
+def paraphrase(person: Person, attribute: str,
                rng: np.random.Generator) -> str:
-  """One fact in a randomly chosen paraphrase."""
-  templates = _TEMPLATES[attribute]
-  return templates[rng.integers(len(templates))].format(name=name, value=value)
+  """One fact about `person` in a randomly chosen passage form."""
+  forms = passage_forms(person, attribute)
+  form = forms[rng.integers(len(forms))]
+  return _TEMPLATES[attribute][form].format(name=person.name,
+                                            value=person.get(attribute))
 
 
-def all_sentences(person: Person) -> list[str]:
-  """Every paraphrase of every fact about `person`."""
-  return [t.format(name=person.name, value=value)
-          for a, value in person.attributes for t in _TEMPLATES[a]]
+def passage_sentences(person: Person) -> list[str]:
+  """Every fact about `person` in every passage form (never a held-out
+  one): what training and tokenizers may read."""
+  return [_TEMPLATES[a][f].format(name=person.name, value=value)
+          for a, value in person.attributes for f in passage_forms(person, a)]
 
 
-def recall_items(person: Person) -> list[tuple[str, str]]:
-  """(prompt, answer) pairs: '<name> lives in' -> ' Aldport'."""
-  items = []
-  for a, value in person.attributes:
-    prompt = _TEMPLATES[a][0].split('{value}')[0].format(name=person.name)
-    items.append((prompt.rstrip(), ' ' + value))
-  return items
+def _item(person: Person, attribute: str, form: int) -> Item:
+  prompt = _TEMPLATES[attribute][form].split('{value}')[0]
+  return Item(f'{person.name}/{attribute}/{form}',
+              prompt.format(name=person.name).rstrip(),
+              ' ' + person.get(attribute))
+
+
+def held_out_items(person: Person) -> list[Item]:
+  """The final evaluation's questions about `person`, in forms no passage
+  about them uses ('<name> resides in' -> ' Aldport'); never a training,
+  reward or selection signal."""
+  return [_item(person, a, f) for a, _ in person.attributes
+          for f in held_out_forms(person)[a]]
+
+
+def probe_items(person: Person) -> list[Item]:
+  """Questions in `person`'s passage forms: the only items a reward or
+  selection signal (dreaming's tau, a study's reward) may score."""
+  return [_item(person, a, f) for a, _ in person.attributes
+          for f in passage_forms(person, a)]
+
+
+def pairs(items: list[Item]) -> list[tuple[str, str]]:
+  """(prompt, answer) of each item, as `eval.encode_items` takes them."""
+  return [(it.prompt, it.answer) for it in items]

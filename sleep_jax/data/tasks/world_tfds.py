@@ -6,7 +6,11 @@ access, what grain consumes) and never downloads. Two splits:
 
 * `passages`: `passages_per_person` biographies per person, each fact in a
   randomly chosen paraphrase (sleep_jax.data.tasks.facts);
-* `questions`: the closed-book (prompt, answer) items of every person.
+* `questions`: the closed-book (prompt, answer) items of every person, each
+  with its `item_id` and its `split`: 'held_out' (a form no passage about
+  that person uses; final evaluation only) or 'probe' (a passage form; the
+  only items a reward or selection signal may score). See
+  sleep_jax.data.tasks.facts.
 
 Every record carries `session`: 0 for the base population, 1..T for the
 people who arrive in session t. Same `WorldConfig` -> same bytes.
@@ -57,7 +61,7 @@ class WorldConfig:
 class _BuilderConfig(tfds.core.BuilderConfig):
 
   def __init__(self, world: WorldConfig):
-    super().__init__(name=world.name, version=tfds.core.Version('1.0.0'),
+    super().__init__(name=world.name, version=tfds.core.Version('2.0.0'),
                      description='fictional people, passages and questions')
     self.world = world
 
@@ -65,7 +69,7 @@ class _BuilderConfig(tfds.core.BuilderConfig):
 class FactWorld(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of the world; pass `config=_BuilderConfig(world)`."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('2.0.0')
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
@@ -73,7 +77,8 @@ class FactWorld(tfds.core.GeneratorBasedBuilder):
         builder=self,
         features=tfds.features.FeaturesDict({
             'session': np.int32, 'person': text, 'text': text,
-            'prompt': text, 'answer': text, 'attribute': text}))
+            'prompt': text, 'answer': text, 'attribute': text,
+            'item_id': text, 'split': text}))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the world is generated
@@ -90,15 +95,19 @@ class FactWorld(tfds.core.GeneratorBasedBuilder):
       for k in range(world.passages_per_person):
         yield f'{i}-{k}', {'session': session, 'person': person.name,
                            'text': ' '.join(facts.passages(person, rng)),
-                           'prompt': '', 'answer': '', 'attribute': ''}
+                           'prompt': '', 'answer': '', 'attribute': '',
+                           'item_id': '', 'split': ''}
 
   def _questions(self):
     for i, (session, person) in enumerate(self.builder_config.world.people()):
-      for (attribute, _), (prompt, answer) in zip(person.attributes,
-                                                  facts.recall_items(person)):
-        yield f'{i}-{attribute}', {
-            'session': session, 'person': person.name, 'text': '',
-            'prompt': prompt, 'answer': answer, 'attribute': attribute}
+      for split, items in (('held_out', facts.held_out_items(person)),
+                           ('probe', facts.probe_items(person))):
+        for item in items:
+          attribute, form = item.id.split('/')[-2:]
+          yield f'{i}-{attribute}-{form}', {
+              'session': session, 'person': person.name, 'text': '',
+              'prompt': item.prompt, 'answer': item.answer,
+              'attribute': attribute, 'item_id': item.id, 'split': split}
 
 
 def build(data_dir: str, world: WorldConfig) -> str:
