@@ -12,8 +12,9 @@ Each trains on one session's rows in one compiled `lax.scan` over host-drawn
   online EWC (the caller sums it over sessions and moves the anchor);
 * `self_samples`: BOS continuations sampled by a frozen model, the rows of
   the self-distillation anchor (LwF-style, Li & Hoiem 2017): with
-  `self_anchor`, `finetune` adds weight * JSD(frozen model || model) on them,
-  the same term Sleep's consolidation adds (sleep_jax.seeding). The frozen
+  `self_anchor`, `finetune` adds weight * JSD(frozen model || model) on them
+  (beta 0.5, temperature 1: Sleep's default KS divergence, sleep_jax.seeding).
+  The frozen
   model is fixed for the whole session, so its samples are drawn once, up
   front, and nothing is stored across sessions.
 

@@ -64,6 +64,35 @@ def code_version() -> str:
 # ------------------------------------------------------------------ config ---
 
 
+def scaled_config(config) -> ml_collections.ConfigDict:
+  """The config with every `capacity.scaled` step count scaled by
+  world.people_per_session / capacity.people (rounded, at least 1): the
+  rule by which a session's update budget — wake and fine-tuning steps,
+  Knowledge Seeding steps, rehearsal steps — grows with how much it brings.
+  `capacity.people=0` turns it off. The values given are those for
+  `capacity.people` people; config.json and results.json hold the scaled
+  ones, results.json also the given ones (`config_given`)."""
+  capacity = config.get('capacity')
+  if capacity is None or not int(capacity.people):
+    return config
+  people = int(capacity.people)
+  if people < 0:
+    raise ValueError(f'capacity.people={people} must be >= 0 (0 = no '
+                     'scaling).')
+  factor = int(config.world.people_per_session) / people
+  out = ml_collections.ConfigDict(config.to_dict())
+  for key in capacity.scaled:
+    group, _, field = str(key).partition('.')
+    value = out[group][field] if group in out and field in out[group] else None
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise ValueError(f'capacity.scaled has {key!r}, which is not an integer '
+                       'key of the config; valid e.g. "wake.steps", '
+                       '"sleep.num_steps", "dreaming.rehearse_steps".')
+    # 0 means "off" (e.g. no rehearsal) and stays off.
+    out[group][field] = value and max(1, int(round(value * factor)))
+  return out
+
+
 def validate_config(config) -> dict[str, Any]:
   """Every config error, before any array is built or program compiled."""
   model_config = TransformerConfig.from_dict(config.model, key='model')
@@ -97,9 +126,35 @@ def validate_config(config) -> dict[str, Any]:
   seeding_cfg = seeding.SeedingConfig.from_dict(config.sleep.to_dict())
   dreaming_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
   baseline_cfg = lifecycle.BaselineConfig.from_dict(config.baselines.to_dict())
-  for m in methods:  # each method's own seeding overrides must be valid too
-    seeding.SeedingConfig(**{**seeding_cfg.__dict__,
-                             **lifecycle.METHODS[m].seeding})
+  per_method = {m: dict(v) for m, v in
+                config.get('sleep_per_method', {}).items()}
+  consolidating = [k for k, v in lifecycle.METHODS.items() if v.consolidate]
+  for m, overrides in per_method.items():
+    if m not in consolidating:
+      raise ValueError(f'sleep_per_method has {m!r}; valid: the methods that '
+                       f'consolidate, {consolidating}.')
+    clash = sorted(set(overrides) & set(lifecycle.METHODS[m].seeding))
+    if clash:
+      raise ValueError(f'sleep_per_method.{m} sets {clash}, which the method '
+                       f'itself fixes ({dict(lifecycle.METHODS[m].seeding)}); '
+                       'drop them.')
+  # Each method's own seeding (and its overrides) must be valid, run or not.
+  for m in set(methods) | set(per_method):
+    try:
+      seeding.SeedingConfig(**{**seeding_cfg.__dict__,
+                               **lifecycle.METHODS[m].seeding,
+                               **per_method.get(m, {})})
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'sleep_per_method.{m}: {e}') from None
+  anchored = [m for m in methods if lifecycle.METHODS[m].anchor and {
+      **seeding_cfg.__dict__, **lifecycle.METHODS[m].seeding,
+      **per_method.get(m, {})}.get('anchor_weight', 0) > 0]
+  if anchored and model_config.cms_levels[0].update_dense:
+    # KS's anchor is the student at initialisation: the pre-wake model only
+    # if wake changed nothing but the fast level's experts.
+    raise ValueError(f'{anchored} anchor on the pre-wake model, which needs '
+                     'wake to leave the dense MLPs alone: set '
+                     'model.cms_levels[0].update_dense=False.')
   base_experts = [int(n) for n in config.base.experts]
   fast, slow = model_config.cms_levels
   if len(base_experts) != 2 or base_experts[0] != 0:
@@ -107,7 +162,8 @@ def validate_config(config) -> dict[str, Any]:
                      '0 for the fast level (it must start empty).')
   grows = any(lifecycle.METHODS[m].dream or (
       lifecycle.METHODS[m].consolidate and
-      {**seeding_cfg.__dict__, **lifecycle.METHODS[m].seeding}['expansion'])
+      {**seeding_cfg.__dict__, **lifecycle.METHODS[m].seeding,
+       **per_method.get(m, {})}['expansion'])
       for m in methods)
   need = base_experts[1] + (sessions if grows else 0)
   if need > slow.num_experts:
@@ -119,7 +175,8 @@ def validate_config(config) -> dict[str, Any]:
                      ' and have num_experts >= 1.')
   return {'model': model_config, 'methods': methods, 'seeds': seeds,
           'world': world, 'seeding': seeding_cfg, 'dreaming': dreaming_cfg,
-          'baselines': baseline_cfg, 'base_experts': base_experts}
+          'baselines': baseline_cfg, 'base_experts': base_experts,
+          'sleep_per_method': per_method}
 
 
 # ------------------------------------------------------------------- data ---
@@ -291,9 +348,11 @@ def _per_seed(seed: int, records: list[dict], item_counts: list[int],
 
 def sleep_training_rows(config, people_per_session: int) -> int:
   """Rows one Sleep cycle runs forward and backward (wake, KS with its
-  anchor, dreaming's isolated copies, ReST-EM and rehearsal), from the
-  config: what `finetune_compute` is given, in wake batches. Sampling
-  (forward only) is not counted."""
+  anchor, dreaming's selection gradients, isolated copies, ReST-EM and
+  rehearsal), from `config.sleep` / `config.dreaming` as given: what
+  `finetune_compute` is given, in wake batches. An upper bound: ReST-EM and
+  rehearsal run only when some dream is rewarded. Sampling and
+  evaluation (forward only) are not counted."""
   wake, ks, dream = config.wake, config.sleep, config.dreaming
   rows = int(wake.steps) * int(wake.batch_size)
   per_step = 0
@@ -307,7 +366,11 @@ def sleep_training_rows(config, people_per_session: int) -> int:
   if dream.enabled:
     copies = people_per_session * (int(dream.keep_top) +
                                    int(dream.keep_random))
-    rows += (int(dream.rounds) + 1) * copies * int(dream.eval_steps)
+    # Per round: one gradient per dream and per context (selection), then
+    # `eval_steps` SFT steps per kept copy.
+    rows += (int(dream.rounds) + 1) * (
+        people_per_session * (int(dream.num_dreams) + 1) +
+        copies * int(dream.eval_steps))
     rows += int(dream.rounds) * int(dream.rest_steps) * int(
         dream.rest_batch_size)
     rows += int(dream.rehearse_steps) * int(dream.rehearse_batch_size) * (
@@ -316,15 +379,23 @@ def sleep_training_rows(config, people_per_session: int) -> int:
 
 
 def run(config, workdir: str, log=print) -> dict[str, Any]:
+  given = config.to_dict()
+  config = scaled_config(config)
   parsed = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   config_dict = config.to_dict()
+  if config_dict != given:
+    log('scaled to ' + ', '.join(
+        f'{k}={config[k.split(".")[0]][k.split(".")[1]]}'
+        for k in config.capacity.scaled) +
+        f' for {config.world.people_per_session} people per session')
   metrics_lib.write_json(os.path.join(workdir, 'config.json'), config_dict)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(parsed['model'])
   base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
-      {k: config[k].to_dict() for k in _BASE_KEYS}))
+      {**{k: config[k].to_dict() for k in _BASE_KEYS},
+       'world_format': facts.FORMAT_VERSION}))
   os.makedirs(base_dir, exist_ok=True)
   world = load_world(config, parsed, workdir,
                      os.path.join(base_dir, 'tokenizer.model'))
@@ -353,9 +424,15 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
                  'pad_id': tokenizer.pad_id},
       decode=tokenizer.decode, judge=judge, mesh=mesh, rules=rules,
       lineage={'config_hash': fact_world.config_hash(config_dict),
+               # What a (method, seed) run's cycles depend on: the config
+               # but for which methods and seeds run alongside it.
+               'run_hash': fact_world.config_hash(
+                   {k: v for k, v in config_dict.items()
+                    if k not in ('methods', 'seeds')}),
                'code_version': code_version(),
                'base': os.path.relpath(base_dir, workdir)},
-      base_replay=world.base_replay, compute_steps=compute_steps)
+      base_replay=world.base_replay, compute_steps=compute_steps,
+      method_seeding=parsed['sleep_per_method'])
   writer = metrics_lib.MetricWriter(workdir, resume_step=2**62)
   base_info = {}
   if os.path.exists(os.path.join(base_dir, 'base.json')):
@@ -363,6 +440,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       base_info = {'seconds': json.load(f)['seconds']}
   results = {'methods': {}, 'seeds': parsed['seeds'], 'config': config_dict,
              'base': {'acc': base_acc, **base_info},
+             **({'config_given': given} if given != config_dict else {}),
              'items': {'base': len(base_items['inputs']),
                        'sessions': [len(x.items['inputs']) for x in sessions]},
              'finetune_compute_steps': compute_steps,

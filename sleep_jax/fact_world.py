@@ -151,9 +151,11 @@ def config_hash(tree) -> str:
 
 def base_dir(workdir: str, config, not_base_keys) -> str:
   """workdir/base/<config_hash of every top-level key of `config` but
-  `not_base_keys`>: where `restore_or_train` keeps that base model."""
+  `not_base_keys`, and the world's text format>: where `restore_or_train`
+  keeps that base model."""
+  tree = {k: v for k, v in config.to_dict().items() if k not in not_base_keys}
   return os.path.join(workdir, 'base', config_hash(
-      {k: v for k, v in config.to_dict().items() if k not in not_base_keys}))
+      {**tree, 'world_format': facts.FORMAT_VERSION}))
 
 
 def fingerprint(params, model_state) -> dict[str, str]:

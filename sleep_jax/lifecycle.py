@@ -28,6 +28,7 @@ import functools
 import os
 import shutil
 import time
+import zlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -108,18 +109,19 @@ METHODS = {
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
   """The baselines' knobs (config keys `baselines.<field>`); their learning
-  rates come from the sweep recorded in experiments/configs/continual.py.
+  rates are the validation-world sweep's choice (experiments/configs/
+  continual.py, experiments/results/continual.md).
   `<method>_learning_rate` is the rate of each fine-tuning method;
   anchor_*: `finetune_anchor`'s self-distillation term (weight, BOS samples
   per step and their length)."""
-  finetune_learning_rate: float = 1e-4
-  finetune_anchor_learning_rate: float = 1e-4
-  finetune_compute_learning_rate: float = 1e-4
-  lora_learning_rate: float = 3e-4
-  replay_learning_rate: float = 3e-3
-  replay_all_learning_rate: float = 3e-3
-  ewc_learning_rate: float = 1e-4
-  anchor_weight: float = 1.0
+  finetune_learning_rate: float = 3e-5
+  finetune_anchor_learning_rate: float = 3e-4
+  finetune_compute_learning_rate: float = 1e-5
+  lora_learning_rate: float = 3e-5
+  replay_learning_rate: float = 1e-4
+  replay_all_learning_rate: float = 1e-3
+  ewc_learning_rate: float = 3e-5
+  anchor_weight: float = 10.0
   anchor_batch_size: int = 8
   anchor_max_new_tokens: int = 16
   lora_rank: int = 8
@@ -197,6 +199,10 @@ class Settings:
   lineage: Mapping[str, Any]          # config_hash, code_version
   base_replay: dict | None = None     # base rows: the replay_all oracle's
   compute_steps: int = 0              # finetune_compute's steps per session
+  # Per method, overrides of `seeding` from the config (`sleep_per_method`),
+  # applied after the method's own (`Method.seeding`).
+  method_seeding: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+      default_factory=dict)
   fast_level: int = 0
   slow_level: int = 1
 
@@ -237,7 +243,20 @@ class Lifecycle:
     if name not in METHODS:
       raise ValueError(f'Unknown method {name!r}; valid: {list(METHODS)}.')
     self.name, self.method, self.seed, self.s = name, METHODS[name], seed, settings
-    self.seeding = dataclasses.replace(settings.seeding, **self.method.seeding)
+    overrides = dict(settings.method_seeding.get(name, {}))
+    clash = sorted(set(overrides) & set(self.method.seeding))
+    if clash:
+      raise ValueError(f'sleep_per_method.{name} sets {clash}, which the '
+                       f'method itself fixes ({dict(self.method.seeding)}); '
+                       'drop them.')
+    self.seeding = dataclasses.replace(
+        settings.seeding, **{**self.method.seeding, **overrides})
+    if self.method.replay_base and settings.base_replay is None:
+      raise ValueError(f'{name} replays the base population: pass '
+                       'Settings.base_replay (its rows).')
+    if self.method.compute_matched and settings.compute_steps < 1:
+      raise ValueError(f'{name} needs Settings.compute_steps >= 1 (got '
+                       f'{settings.compute_steps}).')
     self.directory = directory
     self.log = log
 
@@ -271,7 +290,11 @@ class Lifecycle:
     """Wake then sleep on session t; returns (state, the cycle's record)."""
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.key(self.seed), 1000 + t)
-    host = np.random.default_rng([self.seed, t, list(METHODS).index(self.name)])
+    # Keyed by the kind of wake, not the method: methods that wake alike
+    # (Sleep and its ablations; fine-tuning with and without an anchor) see
+    # the same batches, so their comparison is paired.
+    host = np.random.default_rng([self.seed, t,
+                                  zlib.crc32(self.method.wake.encode())])
     session = self.s.sessions[t]
     params, model_state = state['params'], state['model_state']
     pre_wake = (params, model_state)
@@ -299,7 +322,7 @@ class Lifecycle:
       else:
         extras = ({'anchor': extra['anchor'], 'fisher': extra['fisher'],
                    'ewc_weight': self.s.baselines.ewc_weight} if m.ewc else {})
-        if m.anchor:
+        if m.anchor and self.s.baselines.anchor_weight > 0:
           extras['self_anchor'] = self._self_anchor(
               params, model_state, steps, jax.random.fold_in(key, 4))
         params, losses = baselines.finetune(
@@ -464,12 +487,18 @@ class Lifecycle:
         records = list(metadata['records'])
         if len(records) != step + 1:
           raise ValueError(f'{len(records)} cycle records, expected {step + 1}')
+        written_by = metadata.get('lineage', {}).get('run_hash')
+        if written_by != self.s.lineage.get('run_hash'):
+          raise ValueError(f'written by another config or world (run_hash '
+                           f'{written_by}, this run '
+                           f'{self.s.lineage.get("run_hash")})')
       except Exception as e:  # pylint: disable=broad-except
         bad = os.path.join(ckpt.directory, str(step))
         aside = f'{ckpt.directory}.bad-step{step}-{int(time.time())}'
         self.log(f'[{self.name} seed {self.seed}] checkpoint {bad} is '
-                 f'unreadable ({type(e).__name__}: {str(e)[:200]}); moved to '
-                 f'{aside}, falling back to the cycle before it.')
+                 f'unreadable or not this run\'s ({type(e).__name__}: '
+                 f'{str(e)[:200]}); moved to {aside}, falling back to the '
+                 'cycle before it.')
         shutil.move(bad, aside)
         ckpt.reload()
         continue

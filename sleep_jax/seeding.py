@@ -26,8 +26,10 @@ next, slower level; then the fast level's experts are freed.
 * One loop on the host per step: draw replay prompts, sample with the
   shared sampler (sleep_jax.sampling), score rewards, then one jitted,
   sharded update (`compile_seeding_step`) that compiles once per
-  (model, config, level) and is reused across sleep cycles: the new slot is
-  data (bool[E_max]), not a shape; so are the anchor's params.
+  (model, config, level) and row width and is reused across sleep cycles:
+  the new slot is data (bool[E_max]), not a shape; so are the anchor's
+  params. (With `anchor_prompts='replay'` the first session's BOS-only
+  anchor rows are narrower than later ones: one more compile.)
 
 Sequences: prompts and completions are joined by `sleep_jax.sequences`.
 """

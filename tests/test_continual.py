@@ -116,9 +116,18 @@ def test_smoke_writes_every_output(reference):
     assert list(stages) == expected, name
     for values in stages.values():
       assert set(values) == {'session', 'base', 'session_probe'}
+  # The smoke run learns: after wake, Sleep's fast expert and fine-tuning
+  # recall the session's probe items (the forms its passages used) well
+  # above chance, averaged over seeds and cycles.
+  chance = results['chance']
+  for name in ('sleep', 'finetune'):
+    probe = [c['stages']['wake']['session_probe']
+             for run in results['methods'][name]['per_seed']
+             for c in run['cycles']]
+    assert np.mean(probe) > 2.5 * chance, (name, probe)
   # The compute-matched baseline runs as many rows as a Sleep cycle.
   assert results['finetune_compute_steps'] == -(-continual.sleep_training_rows(
-      continual_config.get_config('smoke'), 2) // 4)
+      continual_config.get_config('smoke'), 4) // 8)
   # Sleep grows one slow expert per session; fine-tuning grows nothing.
   sleep_params = results['methods']['sleep']['params']
   assert sleep_params > results['methods']['finetune']['params']
@@ -201,6 +210,13 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
   assert '[sleep seed 1] resuming after cycle 1' in stdout
   assert '[sleep seed 1] cycle 2: sleep' in stdout
   check_equal()
+
+  # Another config in the same workdir never resumes this run's cycles: each
+  # is set aside and the run starts over.
+  stdout = _run(env, workdir, *methods, '--config.sleep.num_steps=3')
+  assert stdout.count('not this run\'s (ValueError: written by another '
+                      'config') == 2
+  assert '[sleep seed 1] cycle 1/2' in stdout and 'resuming' not in stdout
 
 
 # Runs the smoke job with every held-out item's answer replaced by another
@@ -302,3 +318,31 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'sleep.alpha=2' in proc.stderr
   assert 'base model' not in proc.stdout
+
+
+def test_capacity_scales_each_sessions_budget_with_its_size():
+  config = continual_config.get_config()
+  assert continual.scaled_config(config).to_dict() == config.to_dict()
+  config.world.people_per_session = 40  # 2.5 x the 16 the steps are for
+  scaled = continual.scaled_config(config)
+  assert (scaled.wake.steps, scaled.sleep.num_steps,
+          scaled.dreaming.rehearse_steps) == (375, 500, 250)
+  assert scaled.sleep.batch_size == config.sleep.batch_size
+  config.capacity.people = 0
+  assert continual.scaled_config(config).wake.steps == 150
+  config.capacity.update(people=16, scaled=('wake.nope',))
+  with pytest.raises(ValueError, match="capacity.scaled has 'wake.nope'"):
+    continual.scaled_config(config)
+
+
+def test_sleep_per_method_overrides_are_checked_and_applied():
+  config = continual_config.get_config('full')
+  parsed = continual.validate_config(config)
+  assert parsed['sleep_per_method'] == {
+      'sleep_no_expansion': {'learning_rate': 1e-3}}
+  config.sleep_per_method = {'finetune': {'learning_rate': 1.0}}
+  with pytest.raises(ValueError, match="sleep_per_method has 'finetune'"):
+    continual.validate_config(config)
+  config.sleep_per_method = {'sleep': {'alpha': 3.0}}
+  with pytest.raises(ValueError, match=r'sleep_per_method.sleep: sleep.alpha=3'):
+    continual.validate_config(config)

@@ -94,7 +94,9 @@ def test_no_held_out_text_in_any_training_row_or_reward_item(tmp_path):
   held = [r['prompt'] + r['answer'] for t in range(config.sessions + 1)
           for r in world_tfds.session_records(source['questions'], t)
           if r['split'] == 'held_out']
-  assert len(held) == 6 * (10 + 2 * 2)
+  assert len(held) == 3 * facts.HELD_OUT_FORMS * (
+      config.world.base_people +
+      config.sessions * config.world.people_per_session)
   # What trains: base rows, the replay_all buffer, every session's wake rows
   # (also KS's replay prompts) and its dream contexts.
   trained = _texts(tok, world.base_rows['inputs'])

@@ -7,7 +7,7 @@ written in any passage about that person, and only the final evaluation
 asks them (`held_out_items`). The other forms are the person's *passage
 forms*: `passages(person, rng)` renders facts in them, and `probe_items`
 asks them — the only items any training, reward or selection signal may
-use (the text of a probe item is a sentence of the passages anyway).
+use (a probe item is in a form the passages may state that fact in).
 
 So a held-out question is a paraphrase the model never read about that
 person (it read that form about other people): answering it needs the
@@ -57,6 +57,10 @@ _TEMPLATES = {
 }
 # Forms per attribute that a person's passages never use (evaluation only).
 HELD_OUT_FORMS = 2
+# What the world's text looks like; part of every cached base model's key,
+# so a model trained on another layout of the world is never reused.
+# 2: held-out forms (before: every form in the passages, one recall form).
+FORMAT_VERSION = 2
 
 
 class Item(NamedTuple):
