@@ -41,7 +41,7 @@ def _command(workdir, *overrides):
 
 def _run(env, workdir, *overrides):
   proc = subprocess.run(_command(workdir, *overrides), cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=400)
+                        capture_output=True, text=True, timeout=900)
   if proc.returncode:
     raise AssertionError(f'exit {proc.returncode}\n{proc.stdout}\n'
                          f'{proc.stderr[-3000:]}')
@@ -165,7 +165,7 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
   proc = subprocess.Popen(_command(workdir, *methods), cwd=ROOT, env=env,
                           text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
+  deadline = time.time() + 600
   for line in proc.stdout:
     if line.startswith('[sleep seed 1] cycle 2: sleep'):
       os.kill(proc.pid, signal.SIGKILL)
@@ -266,7 +266,7 @@ def test_held_out_items_leak_into_nothing_poisoned_run_trains_the_same(
   proc = subprocess.run(
       [sys.executable, '-u', '-c', _POISONED_RUN, SMOKE, f'--workdir={workdir}',
        f'--config.methods={methods}', '--config.seeds=(1,)'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The evaluation saw the poisoned items (so the check below is not
   # vacuous) and never the true ones: the base model once, each method's
