@@ -4,7 +4,7 @@ r"""The main job: continual knowledge incorporation, DESIGN §10.1.
     python -m experiments.continual --config=experiments/configs/continual.py:full \
         --workdir=/tmp/continual_full
     python -m experiments.continual --config=experiments/configs/continual.py:smoke \
-        --workdir=/tmp/continual_smoke                   # CI, about a minute
+        --workdir=/tmp/continual_smoke                   # CI, ~3 min
 
 Variants (comma-separated): "" (default: Sleep, fine-tuning with the
 anchor, plain fine-tuning and no consolidation, 3 seeds, 3 sessions of 16
