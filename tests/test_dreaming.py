@@ -19,6 +19,7 @@ from sleep_jax import sampling
 from sleep_jax.models import Transformer, TransformerConfig
 from sleep_jax.models import lora
 from sleep_jax.sequences import join
+from test_seeding import teacher_with_fast_knowledge  # another model
 
 BOS, EOS, PAD = 1, 2, 0
 V, D = 37, 32
@@ -393,18 +394,6 @@ def test_rehearsal_trains_only_the_unlocked_slot(with_replay):
   assert changed and all(changed)
 
 
-def with_fast_expert(params, state):
-  """Another model: a level-0 expert grown with B != 0, so the function and
-  the expert masks both differ from the input's."""
-  params, state, slot = growth.grow(params, state, 0, jax.random.key(7))
-  flat = traverse_util.flatten_dict(params, sep='/')
-  for path in flat:
-    if 'level_0/lowrank_b' in path:
-      noise = jax.random.normal(jax.random.key(len(path)), flat[path].shape[1:])
-      flat[path] = flat[path].at[slot].set(2.0 * noise)
-  return traverse_util.unflatten_dict(flat, sep='/'), state
-
-
 def dream_rows_and_replay(model, params, state, anchor=None):
   tokens, lengths = random_rows(5, 8, seed=2)
   rows, mask = dream_sft.dream_rows(tokens[:, 1:], lengths - 1, bos_id=BOS,
@@ -453,7 +442,7 @@ def test_rehearsal_replays_and_distils_from_a_given_anchor():
   loss + rehearse_replay * KL(anchor || model), computed here by hand (and
   with no anchor the KL term is 0)."""
   model, params, state, slot = make_model()
-  anchor = with_fast_expert(params, state)
+  anchor = teacher_with_fast_knowledge(None, params, state)
   assert not np.array_equal(anchor[1]['cms']['level_0'],
                             state['cms']['level_0'])
   rows, mask, replay = dream_rows_and_replay(model, params, state,
@@ -500,7 +489,7 @@ def test_dream_hands_its_anchor_to_replay_and_rehearsal(monkeypatch):
     return params, np.zeros((cfg.rehearse_steps,), np.float32)
   monkeypatch.setattr(dreaming, 'self_replay', fake_replay)
   monkeypatch.setattr(dreaming, 'rehearse', fake_rehearse)
-  pre_wake = with_fast_expert(params, state)
+  pre_wake = teacher_with_fast_knowledge(None, params, state)
   for anchor in (pre_wake, None):
     dreaming.dream(model, CFG, params, state, make_tasks(), jax.random.key(0),
                    level=1, slots=[slot], bos_id=BOS, eos_id=EOS, pad_id=PAD,
