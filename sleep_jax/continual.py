@@ -105,6 +105,9 @@ def validate_config(config) -> dict[str, Any]:
   if unknown or not methods or len(set(methods)) != len(methods):
     raise ValueError(f'methods={methods}: each must be one of '
                      f'{list(lifecycle.METHODS)}, at least one, no repeats.')
+  if not isinstance(config.get('xla_optimize', True), bool):
+    raise ValueError(f'xla_optimize={config.xla_optimize!r} must be True or '
+                     'False.')
   seeds = [int(s) for s in config.seeds]
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f'seeds={seeds} must be a non-empty list of distinct ints.')
@@ -160,16 +163,19 @@ def validate_config(config) -> dict[str, Any]:
   if len(base_experts) != 2 or base_experts[0] != 0:
     raise ValueError(f'base.experts={base_experts}: one count per level, and '
                      '0 for the fast level (it must start empty).')
-  grows = any(lifecycle.METHODS[m].dream or (
-      lifecycle.METHODS[m].consolidate and
-      {**seeding_cfg.__dict__, **lifecycle.METHODS[m].seeding,
-       **per_method.get(m, {})}['expansion'])
-      for m in methods)
-  need = base_experts[1] + (sessions if grows else 0)
+  def grown_per_sleep(m):
+    method = lifecycle.METHODS[m]
+    knobs = {**seeding_cfg.__dict__, **method.seeding, **per_method.get(m, {})}
+    if method.consolidate and knobs['expansion']:
+      return int(knobs['experts'])
+    return 1 if method.dream else 0  # dreaming alone grows one to rehearse into
+  per_sleep = max(grown_per_sleep(m) for m in methods)
+  need = base_experts[1] + sessions * per_sleep
   if need > slow.num_experts:
     raise ValueError(f'model.cms_levels[1].num_experts={slow.num_experts} is '
                      f'too small: the base uses {base_experts[1]} and sleep '
-                     f'grows one per session ({sessions}); raise it to {need}.')
+                     f'grows {per_sleep} per session ({sessions} sessions); '
+                     f'raise it to {need}.')
   if fast.num_experts < 1 or fast.chunk_size < 1:
     raise ValueError('model.cms_levels[0] must learn in wake (chunk_size >= 1)'
                      ' and have num_experts >= 1.')
@@ -393,9 +399,12 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = Transformer(parsed['model'])
+  # Compiler flags can change the numbers; the default adds no key so that
+  # caches made before the flag existed stay valid.
+  compiler = {} if config.get('xla_optimize', True) else {'xla_optimize': False}
   base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
       {**{k: config[k].to_dict() for k in _BASE_KEYS},
-       'world_format': facts.FORMAT_VERSION}))
+       'world_format': facts.FORMAT_VERSION, **compiler}))
   os.makedirs(base_dir, exist_ok=True)
   world = load_world(config, parsed, workdir,
                      os.path.join(base_dir, 'tokenizer.model'))

@@ -376,8 +376,8 @@ class Lifecycle:
           rules=self.s.rules, **self.s.token_ids)
       params, model_state = jax.device_get((out.params, out.model_state))
       record['reset'] = [int(s) for s in out.reset_slots]
-      if out.grown_slot is not None:
-        slots = record['grown'] = [int(out.grown_slot)]
+      if out.grown_slots:
+        slots = record['grown'] = [int(x) for x in out.grown_slots]
       else:
         slots = growth.active_slots(model_state, self.s.slow_level)
       record['sleep'].update({f'ks_{k}': float(v) for k, v in

@@ -89,8 +89,11 @@ class SeedingConfig:
   prompt_source: 'replay' (prefixes of recent wake rows), 'bos'
     (unconditional) or 'mixed' (`bos_fraction` of rows from BOS).
   min_prompt_tokens: shortest replay prefix (BOS included).
-  expansion: grow a new expert (True) or train the level's existing
+  expansion: grow new experts (True) or train the level's existing
     params instead (the "w/o expansion" ablation).
+  experts: how many new experts each sleep grows (with expansion); KS
+    trains them together. A session that brings more knowledge can be
+    given more (see `capacity.scaled` in the continual config).
   anchor_weight: weight of F(A||S), `divergence` from the pre-wake model A
     (the student at initialisation, frozen) on A's own samples; 0 = off,
     and then nothing of the anchor is sampled, stored or compiled.
@@ -121,6 +124,7 @@ class SeedingConfig:
   bos_fraction: float = 0.25
   min_prompt_tokens: int = 2
   expansion: bool = True
+  experts: int = 1
   anchor_weight: float = 0.0
   anchor_prompts: str = 'bos'
   anchor_batch_size: int = 8
@@ -153,7 +157,7 @@ class SeedingConfig:
       raise ValueError(f'{key}.anchor_weight={self.anchor_weight} must be >= 0 '
                        '(0 turns the pre-wake anchor off).')
     for name in ('num_steps', 'batch_size', 'max_new_tokens',
-                 'min_prompt_tokens', 'anchor_batch_size',
+                 'min_prompt_tokens', 'experts', 'anchor_batch_size',
                  'anchor_max_new_tokens'):
       if int(getattr(self, name)) < 1:
         raise ValueError(f'{key}.{name}={getattr(self, name)} must be >= 1.')
@@ -507,7 +511,7 @@ def rollout(model, cfg: SeedingConfig, student, teacher, prompts, prompt_lengths
 class Consolidation(NamedTuple):
   params: Any          # the student, now the model
   model_state: Any
-  grown_slot: int | None   # the new expert of level l* (None w/o expansion)
+  grown_slots: list[int]   # the new experts of level l* ([] w/o expansion)
   reset_slots: list[int]   # the freed experts of level l* - 1
   metrics: list[dict]      # per KS step
 
@@ -578,11 +582,15 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
   faster = level - 1
   reset_slots = growth.active_slots(model_state, faster)
   student_params, student_state = growth.reset(*teacher, faster, reset_slots)
-  grown = None
+  grown = []
   if cfg.expansion:
-    student_params, student_state, grown = growth.grow(
-        student_params, student_state, level, grow_rng)
-    slots = [grown]
+    for e in range(cfg.experts):
+      # The first expert's key is the one a single-expert sleep uses.
+      student_params, student_state, slot = growth.grow(
+          student_params, student_state, level,
+          grow_rng if e == 0 else jax.random.fold_in(grow_rng, e))
+      grown.append(slot)
+    slots = grown
   else:
     slots = growth.active_slots(student_state, level)
   slots_E = np.zeros(np.asarray(student_state[cms.CMS_COLLECTION][
@@ -629,7 +637,7 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
   if pending is not None:
     history.append(_finish(pending, cfg.num_steps - 1, on_step))
   return Consolidation(params=state.params, model_state=state.model_state,
-                       grown_slot=grown, reset_slots=reset_slots,
+                       grown_slots=grown, reset_slots=reset_slots,
                        metrics=history)
 
 

@@ -52,6 +52,7 @@ def _fill_slots(params, level, value_seed):
     ([dict(chunk_size=0), dict(chunk_size=4)], 'cms_levels[0].chunk_size=0',
      'trailing'),
     ([dict(optimizer='lion')], "cms_levels[0].optimizer='lion'", 'valid'),
+    ([dict(gate_bias=float('nan'))], 'cms_levels[0].gate_bias=nan', 'finite'),
     ([dict(chunk=2)], 'model.cms_levels[0].chunk', 'Unknown'),
     ([], 'model.cms_levels=()', 'at least one'),
 ])
@@ -109,8 +110,10 @@ def test_one_level_with_no_experts_is_the_plain_mlp_block():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_growth_is_bit_identical_and_the_expert_is_live():
-  model, params, state, tokens = make(LEVELS)
+@pytest.mark.parametrize('gate_bias', [0.0, -4.0])
+def test_growth_is_bit_identical_and_the_expert_is_live(gate_bias):
+  model, params, state, tokens = make(
+      [dict(level, gate_bias=gate_bias) for level in LEVELS])
   forward = jax.jit(lambda v, t: model.apply(v, t))
   logits = forward(variables(params, state), tokens)
   # Grow into both levels, up to their top-k budgets (3 and 2 experts).
@@ -188,7 +191,7 @@ def test_inactive_experts_get_exactly_zero_gradient():
       assert not np.any(np.asarray(g1[name]))               # none active
 
 
-def _np_level(x, dense, a, b, router, active, top_k):
+def _np_level(x, dense, a, b, router, active, top_k, gate_bias=0.0):
   """Numpy reference of one CMS level (DESIGN §3, our reading)."""
   silu = lambda v: v / (1 + np.exp(-v))
   y = (silu(x @ dense['gate_kernel']) * (x @ dense['up_kernel'])) @ dense[
@@ -197,17 +200,19 @@ def _np_level(x, dense, a, b, router, active, top_k):
   for t in range(x.shape[0]):
     order = [e for e in np.argsort(-logits[t], kind='stable') if active[e]]
     for e in order[:top_k - 1]:
-      gate = 1 / (1 + np.exp(-logits[t, e]))
+      gate = 1 / (1 + np.exp(-(logits[t, e] + gate_bias)))
       y[t] += gate * (silu(x[t] @ a[e]) @ b[e])
   return y
 
 
-@pytest.mark.parametrize('top_k,active', [(2, [1, 1, 1, 0]), (3, [1, 0, 1, 1]),
-                                          (5, [0, 1, 1, 0]), (1, [1, 1, 1, 1])])
-def test_level_matches_numpy_reference(top_k, active):
+@pytest.mark.parametrize('top_k,active,gate_bias', [
+    (2, [1, 1, 1, 0], 0.0), (3, [1, 0, 1, 1], 0.0), (5, [0, 1, 1, 0], 0.0),
+    (1, [1, 1, 1, 1], 0.0), (3, [1, 0, 1, 1], -3.0), (5, [1, 1, 1, 1], 2.5)])
+def test_level_matches_numpy_reference(top_k, active, gate_bias):
   from sleep_jax.models.cms import CMSLevelMoE
   config = TransformerConfig.from_dict(
-      {**BASE, 'cms_levels': [dict(num_experts=4, rank=4, top_k=top_k)]})
+      {**BASE, 'cms_levels': [dict(num_experts=4, rank=4, top_k=top_k,
+                                   gate_bias=gate_bias)]})
   level = CMSLevelMoE(config, config.cms_levels[0])
   rng = np.random.default_rng(top_k)
   x = rng.normal(size=(1, 7, 32)).astype(np.float32)
@@ -220,7 +225,7 @@ def test_level_matches_numpy_reference(top_k, active):
   np_params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
   want = _np_level(x[0].astype(np.float64), np_params['dense'],
                    np_params['lowrank_a'], np_params['lowrank_b'],
-                   np_params['router'], np.asarray(active), top_k)
+                   np_params['router'], np.asarray(active), top_k, gate_bias)
   np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-4, atol=1e-4)
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -293,6 +294,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
       (dict(methods=['sleep', 'bogus']), 'bogus'),
       (dict(num_experts=2), r'model.cms_levels\[1\].num_experts=2 is too small'),
       (dict(lora_rank=0), 'lora.rank=0'),
+      (dict(xla_optimize='no'), "xla_optimize='no' must be True or False"),
   ]
   for change, message in cases:
     config = continual_config.get_config('smoke')
@@ -308,6 +310,9 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
                                         top_k=change['num_experts'] + 1)
     if 'lora_rank' in change:
       config.baselines.lora_rank = change['lora_rank']
+    if 'xla_optimize' in change:  # as from a file: no ConfigDict types
+      config = ml_collections.ConfigDict(
+          {**config.to_dict(), 'xla_optimize': change['xla_optimize']})
     workdir = tmp_path / 'never'
     with compile_counter() as compiled:
       with pytest.raises(ValueError, match=message):
@@ -325,9 +330,17 @@ def test_capacity_scales_each_sessions_budget_with_its_size():
   assert continual.scaled_config(config).to_dict() == config.to_dict()
   config.world.people_per_session = 40  # 2.5 x the 16 the steps are for
   scaled = continual.scaled_config(config)
-  assert (scaled.wake.steps, scaled.sleep.num_steps,
-          scaled.dreaming.rehearse_steps) == (375, 500, 250)
+  assert (scaled.wake.steps, scaled.sleep.num_steps, scaled.sleep.experts,
+          scaled.dreaming.rehearse_steps) == (375, 500, 2, 250)
   assert scaled.sleep.batch_size == config.sleep.batch_size
+  # Four experts a sleep for 64 people: three sessions need 2 + 12 slots.
+  config.world.people_per_session = 64
+  with pytest.raises(ValueError, match=r'num_experts=8 is too small: the base '
+                     r'uses 2 and sleep grows 4 per session \(3 sessions\)'):
+    continual.validate_config(continual.scaled_config(config))
+  config.sessions = 1
+  continual.validate_config(continual.scaled_config(config))
+  config.world.people_per_session = 40
   config.capacity.people = 0
   assert continual.scaled_config(config).wake.steps == 150
   config.capacity.update(people=16, scaled=('wake.nope',))

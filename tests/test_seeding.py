@@ -145,11 +145,11 @@ def test_config_accepts_group_of_one_without_lti_and_rejects_unknown_keys():
 # ---------------------------------------------------------- the KS step ---
 
 
-def make_model(num_experts=4, num_kv_heads=2):
+def make_model(num_experts=4, num_kv_heads=2, slow_top_k=2):
   levels = [dict(chunk_size=1, width=16, num_experts=num_experts, rank=4,
                  top_k=2, learning_rate=0.01, optimizer='adam'),
             dict(chunk_size=0, width=32, num_experts=num_experts, rank=4,
-                 top_k=2, learning_rate=0.0, optimizer='adam')]
+                 top_k=slow_top_k, learning_rate=0.0, optimizer='adam')]
   config = TransformerConfig.from_dict(dict(
       vocab_size=40, d_model=32, num_layers=2, num_heads=4,
       num_kv_heads=num_kv_heads,
@@ -199,16 +199,19 @@ def run_consolidate(model, params, state, cfg=CFG, mesh=None, seed=0,
       judge=rewards.ExactJudge(), decode=digits, mesh=mesh, **kwargs)
 
 
-@pytest.mark.parametrize('alpha', [0.0, 0.5, 1.0])
-def test_only_the_new_expert_and_its_router_row_change(alpha):
-  model, params, state = make_model()
+@pytest.mark.parametrize('alpha,experts', [(0.0, 1), (0.5, 1), (1.0, 1),
+                                           (0.5, 2)])
+def test_only_the_new_experts_and_their_router_rows_change(alpha, experts):
+  # Room in the slow level's top-k for every new expert, so each trains.
+  model, params, state = make_model(slow_top_k=1 + experts)
   params, state = teacher_with_fast_knowledge(model, params, state)
   fast_slots = growth.active_slots(state, 0)
-  out = run_consolidate(model, params, state,
-                        dataclasses.replace(CFG, alpha=alpha, num_steps=4))
-  slot = out.grown_slot
+  out = run_consolidate(model, params, state, dataclasses.replace(
+      CFG, alpha=alpha, num_steps=4, experts=experts))
+  slots = out.grown_slots
+  assert len(set(slots)) == experts
   assert out.reset_slots == fast_slots
-  assert growth.active_slots(out.model_state, 1) == [slot]
+  assert growth.active_slots(out.model_state, 1) == sorted(slots)
   assert growth.active_slots(out.model_state, 0) == []
   before = traverse_util.flatten_dict(params, sep='/')
   after = traverse_util.flatten_dict(jax.device_get(out.params), sep='/')
@@ -216,20 +219,20 @@ def test_only_the_new_expert_and_its_router_row_change(alpha):
   for path, old in before.items():
     new, old = np.asarray(after[path]), np.asarray(old)
     if 'level_1/lowrank' in path:
-      keep = np.arange(old.shape[0]) != slot
+      keep = np.isin(np.arange(old.shape[0]), slots, invert=True)
       np.testing.assert_array_equal(new[keep], old[keep], err_msg=path)
-      changed.append(not np.array_equal(new[slot], old[slot]))
+      changed += [not np.array_equal(new[s], old[s]) for s in slots]
     elif 'level_1/router' in path:
-      keep = np.arange(old.shape[1]) != slot
+      keep = np.isin(np.arange(old.shape[1]), slots, invert=True)
       np.testing.assert_array_equal(new[:, keep], old[:, keep], err_msg=path)
-      changed.append(not np.array_equal(new[:, slot], old[:, slot]))
+      changed += [not np.array_equal(new[:, s], old[:, s]) for s in slots]
     elif 'level_0/lowrank' in path:   # consolidated fast experts are freed
       np.testing.assert_array_equal(new[fast_slots], 0.0, err_msg=path)
       keep = np.isin(np.arange(old.shape[0]), fast_slots, invert=True)
       np.testing.assert_array_equal(new[keep], old[keep], err_msg=path)
     else:
       np.testing.assert_array_equal(new, old, err_msg=path)
-  assert all(changed), 'the new expert did not train'
+  assert all(changed), 'a new expert did not train'
   assert len(out.metrics) == 4 and np.isfinite(out.metrics[-1]['loss'])
 
 
@@ -299,7 +302,7 @@ def test_consolidation_compiles_once_across_sleep_cycles(compile_counter):
   with compile_counter() as compiles:
     second = run_consolidate(model, params, state, seed=1)
   assert compiles() == 0
-  assert second.grown_slot != first.grown_slot
+  assert second.grown_slots != first.grown_slots
   step = seeding.compile_seeding_step(
       model, CFG, 1, sharding.make_mesh({'data': 1}, devices=jax.devices()[:1]),
       tuple(tuple(r) for r in RULES))

@@ -64,9 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       vocab_size=512, d_model=96, num_layers=3, num_heads=4, num_kv_heads=2,
       d_ff=256, max_len=128, mlp='cms', cms_levels=[
           dict(chunk_size=1, width=64, num_experts=2, rank=16, top_k=2,
-               learning_rate=2e-3, optimizer='adam', update_dense=False),
+               learning_rate=2e-3, optimizer='adam', update_dense=False,
+               gate_bias=0.0),
           dict(chunk_size=0, width=256, num_experts=8, rank=16, top_k=9,
-               learning_rate=0.0, optimizer='adam', update_dense=False)]))
+               learning_rate=0.0, optimizer='adam', update_dense=False,
+               gate_bias=0.0)]))
   # seq_len: one sentence (wake rows, questions); document_len: a passage
   # plus a restated fact (base training, dream prompts).
   config.data = ml_collections.ConfigDict(dict(
@@ -88,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       normalize_advantages=False, judge='exact', judge_threshold=None,
       num_steps=200, batch_size=8, learning_rate=1e-2, max_new_tokens=12,
       prompt_source='replay', bos_fraction=0.25, min_prompt_tokens=2,
-      expansion=True, anchor_weight=3.0, anchor_prompts='bos',
+      expansion=True, experts=1, anchor_weight=3.0, anchor_prompts='bos',
       anchor_batch_size=8, anchor_max_new_tokens=16))
   # Per method, overrides of sleep.*: without expansion KS trains the slow
   # level's existing weights, so it gets a rate of its own rather than the
@@ -114,13 +116,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lora_alpha=16.0,
       lora_targets=[list(t) for t in ALL_KERNELS],
       replay_fraction=0.5, ewc_weight=100.0, fisher_rows=64))
-  # The step counts above are for `people` new people per session; a session
-  # of another size scales each of `scaled` in proportion (sleep_jax.continual
-  # .scaled_config; people=0: off).
+  # The budgets above (steps, and the experts each sleep grows) are for
+  # `people` new people per session; a session of another size scales each
+  # of `scaled` in proportion (sleep_jax.continual.scaled_config; people=0:
+  # off).
   config.capacity = ml_collections.ConfigDict(dict(
-      people=16, scaled=('wake.steps', 'sleep.num_steps',
+      people=16, scaled=('wake.steps', 'sleep.num_steps', 'sleep.experts',
                        'dreaming.rehearse_steps')))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # False: XLA skips most optimisation passes (jax_disable_most_optimizations
+  # ): programs compile faster and run slower, a good trade only where
+  # compiling dominates, as in `smoke`.
+  config.xla_optimize = True
   config.sharding = ml_collections.ConfigDict(dict(
       rules=[list(rule) for rule in DEFAULT_RULES]))
 
@@ -143,6 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.seeds = (0, 1)
       config.sessions = 2
       config.methods = ALL_METHODS
+      config.xla_optimize = False
       # Small, but it learns: after wake, Sleep's fast expert and
       # fine-tuning recall the session's probe items well above chance
       # (tests/test_continual.py checks it).

@@ -12,7 +12,7 @@ added fast level with a zero down-projection) leaves the result bit-identical.
 
 A level is a sparse mixture:
 
-    Level(x) = Dense(x) + sum_{e in S(x)} sigmoid(router_e . x) * B_e act(A_e x)
+    Level(x) = Dense(x) + sum_{e in S(x)} sigmoid(router_e . x + b) * B_e act(A_e x)
 
 * the dense SwiGLU expert is always kept (our reading of "top-k with the dense
   expert always kept");
@@ -20,7 +20,10 @@ A level is a sparse mixture:
   logits (all active ones when fewer are active); inactive experts are masked
   out of the router and get exactly zero output and zero gradient;
 * gates are independent sigmoids, not a softmax over the selected experts, so
-  a new expert with B = 0 does not re-weight the others. Growth is therefore
+  a new expert with B = 0 does not re-weight the others. b is the level's
+  constant `gate_bias` (0 by default; negative keeps an expert closed except
+  where its router row has learned to open it). It does not change which
+  experts are selected. Growth is therefore
   bit-exactly function-preserving whenever the level's active low-rank
   experts fit its top-k budget (#active <= top_k - 1 after growing). Beyond
   that budget a new expert competes for the top-k slots from its first step,
@@ -113,7 +116,8 @@ class CMSLevelMoE(nn.Module):
     logits_BxLxE = jnp.einsum('bld,de->ble', x_BxLxD.astype(jnp.float32),
                               router_DxE)
     selected_BxLxE = _select(logits_BxLxE, active_E, lvl.top_k, random_key)
-    gates_BxLxE = jnp.where(selected_BxLxE, jax.nn.sigmoid(logits_BxLxE), 0.0)
+    gates_BxLxE = jnp.where(selected_BxLxE,
+                            jax.nn.sigmoid(logits_BxLxE + lvl.gate_bias), 0.0)
     h_BxLxExR = jax.nn.silu(jnp.einsum('bld,edr->bler', x_BxLxD,
                                        a_ExDxR.astype(dt)))
     h_BxLxExR = nn.with_logical_constraint(

@@ -9,6 +9,7 @@ the value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -65,6 +66,11 @@ class CMSLevel:
     optimizer: wake optimiser of this level: 'sgd', 'adam' or 'adamw'.
     update_dense: whether wake updates the dense expert too, or only the
       active low-rank experts and their router rows.
+    gate_bias: a constant added to every low-rank expert's router logit
+      before its sigmoid gate. 0 opens a fresh expert (zero router row)
+      halfway on every token; a negative value keeps it nearly closed
+      until its router row learns where to open, so a consolidated expert
+      can stay local. Growth stays exactly function-preserving (B = 0).
   """
 
   chunk_size: int = 1
@@ -75,6 +81,7 @@ class CMSLevel:
   learning_rate: float = 1e-2
   optimizer: str = 'adam'
   update_dense: bool = True
+  gate_bias: float = 0.0
 
   def validate(self, key: str) -> None:
     """Raises ValueError naming `key.<field>`, the value and the fix."""
@@ -99,6 +106,12 @@ class CMSLevel:
     if self.learning_rate < 0:
       raise ValueError(f'{key}.learning_rate={self.learning_rate} must be '
                        '>= 0.')
+    if (isinstance(self.gate_bias, bool)
+        or not isinstance(self.gate_bias, (int, float))
+        or not math.isfinite(self.gate_bias)):
+      raise ValueError(f'{key}.gate_bias={self.gate_bias!r} is invalid: use a '
+                       'finite number (0 = gates start at 0.5; e.g. -4 keeps '
+                       'fresh experts nearly closed).')
     if self.optimizer not in CMS_OPTIMIZERS:
       raise ValueError(f'{key}.optimizer={self.optimizer!r} is invalid; valid: '
                        f'{list(CMS_OPTIMIZERS)}.')
