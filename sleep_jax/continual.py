@@ -124,6 +124,14 @@ def validate_config(config) -> dict[str, Any]:
   for key in ('steps', 'batch_size'):
     if int(config.wake[key]) < 1:
       raise ValueError(f'wake.{key}={config.wake[key]} must be >= 1.')
+  unknown_wake = sorted(set(config.wake) - {'steps', 'batch_size',
+                                            'anchor_weight'})
+  if unknown_wake:
+    raise ValueError(f'wake has unknown keys {unknown_wake}; valid: '
+                     "['anchor_weight', 'batch_size', 'steps'].")
+  if not float(config.wake.get('anchor_weight', 0.0)) >= 0:
+    raise ValueError(f'wake.anchor_weight={config.wake.anchor_weight} must be '
+                     '>= 0 (0 turns the wake anchor off).')
   if int(config.base.train_steps) < 1 or int(config.base.batch_size) < 1:
     raise ValueError('base.train_steps and base.batch_size must be >= 1.')
   seeding_cfg = seeding.SeedingConfig.from_dict(config.sleep.to_dict())
@@ -441,6 +449,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
                'code_version': code_version(),
                'base': os.path.relpath(base_dir, workdir)},
       base_replay=world.base_replay, compute_steps=compute_steps,
+      wake_anchor_weight=float(config.wake.get('anchor_weight', 0.0)),
       method_seeding=parsed['sleep_per_method'])
   writer = metrics_lib.MetricWriter(workdir, resume_step=2**62)
   base_info = {}

@@ -199,6 +199,9 @@ class Settings:
   lineage: Mapping[str, Any]          # config_hash, code_version
   base_replay: dict | None = None     # base rows: the replay_all oracle's
   compute_steps: int = 0              # finetune_compute's steps per session
+  # Weight of the wake anchor (JSD to the pre-wake model on its own BOS
+  # samples during wake) for the CMS methods with `Method.anchor`; 0 = off.
+  wake_anchor_weight: float = 0.0
   # Per method, overrides of `seeding` from the config (`sleep_per_method`),
   # applied after the method's own (`Method.seeding`).
   method_seeding: Mapping[str, Mapping[str, Any]] = dataclasses.field(
@@ -229,10 +232,12 @@ def _prompt_rows(sessions) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _wake_step(model, mesh, rules, batch_size: int, seq_len: int):
+def _wake_step(model, mesh, rules, batch_size: int, seq_len: int,
+               anchored: bool = False):
   example = jnp.zeros((batch_size, seq_len), jnp.int32)
   shardings = wake.wake_state_shardings(model, mesh, rules, example)
-  return wake.compile_wake_step(model, shardings, mesh, rules), shardings
+  return wake.compile_wake_step(model, shardings, mesh, rules,
+                                anchored), shardings
 
 
 class Lifecycle:
@@ -426,18 +431,37 @@ class Lifecycle:
             'weight': cfg.anchor_weight, 'rows': rows}
 
   def _wake_cms(self, params, model_state, rows, key, host):
+    pre_wake = (params, model_state)
     params, model_state, _ = growth.grow(params, model_state,
                                          self.s.fast_level, key)
+    anchored = self.method.anchor and self.s.wake_anchor_weight > 0
     step, shardings = _wake_step(self.s.model, self.s.mesh, self.s.rules,
-                                 self.s.batch_size, rows['inputs'].shape[1])
+                                 self.s.batch_size, rows['inputs'].shape[1],
+                                 anchored)
     state = jax.device_put(
         wake.init_wake_state(self.s.model.config, params, model_state),
         shardings)
     batches = baselines.draw_batches(rows, self.s.wake_steps,
                                      self.s.batch_size, host)
+    anchor = None
+    if anchored:
+      # Its own key, so the data batches stay those of the unanchored wake.
+      samples = baselines.self_samples(
+          self.s.model, *pre_wake, steps=self.s.wake_steps,
+          batch_size=self.seeding.anchor_batch_size,
+          max_new_tokens=self.seeding.anchor_max_new_tokens,
+          rng=jax.random.fold_in(key, 1), **self.s.token_ids)
+      batches = {**batches, 'anchor_tokens': samples['tokens'],
+                 'anchor_mask': samples['mask']}
+      # A copy: the wake state is donated and may share its buffers.
+      frozen = jax.device_put(pre_wake, (shardings.params,
+                                         shardings.model_state),
+                              may_alias=False)
+      anchor = {'params': frozen[0], 'model_state': frozen[1],
+                'weight': self.s.wake_anchor_weight}
     for i in range(self.s.wake_steps):
       state, _ = step(state, {k: v[i] for k, v in batches.items()},
-                      i == self.s.wake_steps - 1)
+                      i == self.s.wake_steps - 1, anchor)
     return state.params, state.model_state
 
   # --------------------------------------------------------------- run ---

@@ -20,6 +20,12 @@ so one compiled step serves the whole schedule, and growing or resetting
 experts between steps does not recompile it. Grow and reset experts of a
 running wake state with `wake.grow` / `wake.reset`, which also clear the
 slot's pending gradient and optimiser moments.
+
+An optional anchor holds the model near a frozen copy of itself (the model
+before wake): `weight` x JSD(frozen || model) on the frozen model's own
+samples, carried in the batch as `anchor_tokens` / `anchor_mask`. It keeps
+the always-on fast expert from overwriting what the model knew, so the
+post-wake model that sleep distils from is a cleaner teacher.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import optax
 
 from sleep_jax import growth
 from sleep_jax import sharding as sharding_lib
+from sleep_jax.divergences import generalized_jsd
 from sleep_jax.models import cms
 from sleep_jax.models import transformer
 from sleep_jax.models.config import CMSLevel, TransformerConfig
@@ -123,8 +130,12 @@ def _update_mask(config, params, model_state, level):
 
 
 def wake_step(model: nn.Module, state: WakeState, batch: Mapping[str, jax.Array],
-              boundary) -> tuple[WakeState, dict]:
-  """One chunk of the stream. `boundary`: bool scalar, last step of a session."""
+              boundary, anchor=None) -> tuple[WakeState, dict]:
+  """One chunk of the stream. `boundary`: bool scalar, last step of a session.
+
+  `anchor`: None, or {'params', 'model_state', 'weight'} of a frozen model;
+  then `batch` also holds `anchor_tokens` / `anchor_mask` (its samples).
+  """
   config = model.config
   levels = wake_levels(config)
   trees = tuple(level_params(state.params, l) for l in levels)
@@ -133,10 +144,19 @@ def wake_step(model: nn.Module, state: WakeState, batch: Mapping[str, jax.Array]
     params = state.params
     for tree in level_trees:
       params = with_level_params(params, tree)
-    logits = model.apply(transformer.variables(params, state.model_state),
-                         batch['inputs'], positions=batch.get('positions'),
+    variables = transformer.variables(params, state.model_state)
+    logits = model.apply(variables, batch['inputs'],
+                         positions=batch.get('positions'),
                          segment_ids=batch.get('segment_ids'))
-    return next_token_loss(logits, batch['targets'], batch['mask'])
+    loss, tokens = next_token_loss(logits, batch['targets'], batch['mask'])
+    if anchor is not None:
+      frozen = jax.lax.stop_gradient(model.apply(
+          transformer.variables(anchor['params'], anchor['model_state']),
+          batch['anchor_tokens']))
+      loss += anchor['weight'] * generalized_jsd(
+          model.apply(variables, batch['anchor_tokens']), frozen,
+          batch['anchor_mask'], beta=0.5)
+    return loss, tokens
 
   (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trees)
   phase = state.phase + 1
@@ -221,22 +241,34 @@ def wake_state_shardings(model: nn.Module, mesh, rules, example_tokens):
   return shardings
 
 
-def compile_wake_step(model: nn.Module, state_shardings, mesh, rules):
+def compile_wake_step(model: nn.Module, state_shardings, mesh, rules,
+                      anchored: bool = False):
   """`jit(wake_step)` with explicit shardings; the state is donated.
 
-  Returns `step(state, batch, boundary) -> (state, metrics)`; `step.jitted`
-  is the jitted function (for compile counting).
+  Returns `step(state, batch, boundary[, anchor]) -> (state, metrics)`;
+  `step.jitted` is the jitted function (for compile counting). With
+  `anchored`, every call passes the anchor (see `wake_step`).
   """
   replicated = sharding_lib.replicated(mesh)
+  in_shardings = (state_shardings, sharding_lib.batch_sharding(mesh, rules),
+                  replicated)
+  if anchored:
+    in_shardings += ({'params': state_shardings.params,
+                      'model_state': state_shardings.model_state,
+                      'weight': replicated},)
   compiled = sharding_lib.compile_step(
-      lambda state, batch, boundary: wake_step(model, state, batch, boundary),
-      mesh, rules,
-      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules),
-                    replicated),
+      lambda state, batch, boundary, *anchor: wake_step(
+          model, state, batch, boundary, *anchor),
+      mesh, rules, in_shardings=in_shardings,
       out_shardings=(state_shardings, replicated))
 
-  def step(state, batch, boundary=False):
-    return compiled(state, batch, jnp.asarray(boundary, jnp.bool_))
+  def step(state, batch, boundary=False, anchor=None):
+    if (anchor is not None) != anchored:
+      raise ValueError(f'this wake step was compiled with anchored={anchored}'
+                       f' and called with anchor={"set" if anchor else None}.')
+    extra = () if anchor is None else (
+        {**anchor, 'weight': jnp.float32(anchor['weight'])},)
+    return compiled(state, batch, jnp.asarray(boundary, jnp.bool_), *extra)
 
   step.jitted = compiled.jitted
   return step

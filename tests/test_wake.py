@@ -295,3 +295,48 @@ def test_regrown_slot_starts_with_no_wake_memory():
   boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   with pytest.raises(ValueError, match='unbox'):
     growth.grow(boxed['params'], {'cms': boxed['cms']}, 0, jax.random.key(0))
+
+
+def test_wake_anchor_holds_the_model_to_the_frozen_copy():
+  """weight 0 is the plain wake step exactly; a weight > 0 ends wake closer
+  to the frozen model on its own samples, at the cost of the wake loss."""
+  from sleep_jax.divergences import generalized_jsd
+  model, params, state = make(sgd_levels())
+  params, state = grown(model, params, state)
+  mesh = sharding.make_mesh({'data': 1}, devices=jax.devices()[:1])
+  shardings = wake.wake_state_shardings(model, mesh, RULES,
+                                        jnp.zeros((4, 8), jnp.int32))
+  plain = wake.compile_wake_step(model, shardings, mesh, RULES)
+  anchored = wake.compile_wake_step(model, shardings, mesh, RULES,
+                                    anchored=True)
+  rng = np.random.default_rng(1)
+  samples = jnp.asarray(rng.integers(0, 50, (4, 8)), jnp.int32)
+  sample_mask = jnp.ones((4, 8), jnp.float32)
+  frozen = jax.tree.map(jnp.copy, (params, state))
+
+  def run(step, weight=None):
+    wake_state = start(model, params, state, shardings)
+    for i, batch in enumerate(batches(8)):
+      if weight is None:
+        wake_state, _ = step(wake_state, batch, i == 7)
+      else:
+        wake_state, _ = step(
+            wake_state, {**batch, 'anchor_tokens': samples,
+                         'anchor_mask': sample_mask}, i == 7,
+            {'params': frozen[0], 'model_state': frozen[1], 'weight': weight})
+    return wake_state
+
+  def distance(wake_state):
+    student = model.apply(variables(wake_state.params, wake_state.model_state),
+                          samples)
+    teacher = model.apply(variables(*frozen), samples)
+    return float(generalized_jsd(student, teacher, sample_mask, beta=0.5))
+
+  free, zero, held = run(plain), run(anchored, 0.0), run(anchored, 30.0)
+  for a, b in zip(jax.tree.leaves(free.params), jax.tree.leaves(zero.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert distance(free) > 0
+  assert distance(held) < 0.75 * distance(free)
+  with pytest.raises(ValueError, match='compiled with anchored=False'):
+    plain(start(model, params, state, shardings), batches(1)[0], False,
+          {'params': frozen[0], 'model_state': frozen[1], 'weight': 1.0})

@@ -79,8 +79,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95,
       eps=1e-8, weight_decay=0.1, grad_clip=1.0))
   # Wake: steps per session; the fine-tuning baselines take the same steps
-  # on the same rows.
-  config.wake = ml_collections.ConfigDict(dict(steps=150, batch_size=32))
+  # on the same rows. anchor_weight > 0: the anchored CMS methods (sleep and
+  # its ablations but sleep_no_anchor) also hold the model to the pre-wake
+  # one in wake (JSD on its BOS samples, sized by sleep.anchor_*); 0 = off.
+  config.wake = ml_collections.ConfigDict(dict(steps=150, batch_size=32,
+                                               anchor_weight=0.0))
   # Sleep's KS: the paper's GKD + LTI mixture (alpha .5), with distillation
   # on teacher samples (lmbda 0) and replay prompts only: measured best in
   # the one-seed comparison recorded in README ("The main job").
