@@ -1,4 +1,6 @@
-r"""The main job: wake/sleep cycles against the baselines (DESIGN §10.1).
+r"""The main job: wake/sleep cycles against the baselines.
+
+docs/design.md §10.1.
 
     python -m experiments.continual                      # the default
     python -m experiments.continual --config=experiments/configs/continual.py:full \

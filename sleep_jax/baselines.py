@@ -1,4 +1,4 @@
-"""The continual-learning baselines' update programs (DESIGN §10.1).
+"""The continual-learning baselines' update programs (docs/design.md §10.1).
 
 Each trains on one session's rows in one compiled `lax.scan` over host-drawn
 [steps, batch, L] batches (one shape every session, so nothing recompiles):

@@ -1,4 +1,4 @@
-"""The continual knowledge-incorporation experiment (DESIGN §10.1).
+"""The continual knowledge-incorporation experiment (docs/design.md §10.1).
 
 `run(config, workdir)`:
 
@@ -14,8 +14,8 @@
    `<workdir>/base/<hash of the config it depends on>`;
 4. runs every method with every seed through every session
    (sleep_jax.lifecycle), each resuming from its own checkpoints;
-5. writes results.json (DESIGN §8), metrics.jsonl + TensorBoard events,
-   report.md and plots/ (sleep_jax.report).
+5. writes results.json (docs/design.md §8), metrics.jsonl + TensorBoard
+   events, report.md and plots/ (sleep_jax.report).
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ def validate_config(config) -> dict[str, Any]:
   if int(config.base.train_steps) < 1 or int(config.base.batch_size) < 1:
     raise ValueError('base.train_steps and base.batch_size must be >= 1.')
   seeding_cfg = seeding.SeedingConfig.from_dict(config.sleep.to_dict())
+  if seeding_cfg.judge == 'teacher':
+    raise ValueError("sleep.judge='teacher' is not available in the main job "
+                     '(it builds no separate judge model); use "exact" or '
+                     '"embedding".')
   dreaming_cfg = dreaming.DreamingConfig.from_dict(config.dreaming.to_dict())
   baseline_cfg = lifecycle.BaselineConfig.from_dict(config.baselines.to_dict())
   per_method = {m: dict(v) for m, v in
@@ -335,7 +339,7 @@ def summarize(per_seed: list[dict]) -> dict:
     entry[f'{key}_std'] = float(np.std(values, ddof=1 if len(values) > 1
                                        else 0))
   entry.update(
-      base_acc=entry['final_base_acc'],  # the DESIGN §8 name, kept for readers
+      base_acc=entry['final_base_acc'],  # older name (docs/design.md §8)
       params=int(per_seed[0]['params']),
       seconds=float(sum(r['seconds'] for r in per_seed)), per_seed=per_seed)
   return entry

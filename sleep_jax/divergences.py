@@ -1,4 +1,6 @@
-"""Token-level divergences for distillation (DESIGN §4.1), TRL's convention.
+"""Token-level divergences for distillation, in TRL's convention.
+
+docs/design.md §4.1.
 
 Each is a mean over the masked positions (completion tokens), with a
 temperature applied to both distributions. Re-exported by sleep_jax.seeding.

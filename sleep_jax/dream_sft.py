@@ -1,4 +1,4 @@
-"""The SFT programs of dreaming, each one jitted program (DESIGN §5).
+"""The SFT programs of dreaming, each one jitted program (docs/design.md §5).
 
 * `isolated_copy` / `evaluate`: a fresh LoRA per dream, a few SFT steps on
   that dream's own data (`CopyData`: a text dream's row, or the rows an ARC

@@ -1,4 +1,4 @@
-"""Dreaming, the self-modifying stage of sleep (DESIGN §5).
+"""Dreaming, the self-modifying stage of sleep (docs/design.md §5).
 
 Given tasks (C, tau) — a context C and closed-book items about it — the model:
 
@@ -25,10 +25,11 @@ Given tasks (C, tau) — a context C and closed-book items about it — the mode
    distils from it) carries wake's damage to old knowledge, and an anchor
    to it would hold that damage in place.
 
-Our readings where DESIGN is open: the dream generator is the model plus its
-own LoRA (`generator`), which only ReST-EM trains; answers are always given
-by the model without it. Selection gradients are taken with respect to a
-fixed, seeded LoRA's b factors at b = 0, so g = scale * a^T dW per kernel:
+Our readings where the method is open (docs/design.md §5): the dream
+generator is the model plus its own LoRA (`generator`), which only ReST-EM
+trains; answers are always given by the model without it. Selection
+gradients are taken with respect to a fixed, seeded LoRA's b factors at
+b = 0, so g = scale * a^T dW per kernel:
 a random projection of the kernel gradients, rank x out floats per kernel
 per dream (the a factors' gradients are zero there and are not formed).
 Every program is jitted once per shape, so a later sleep cycle reuses them.

@@ -1,10 +1,11 @@
 """Parameter growth and reset for CMS levels, and trainable-parameter masks.
 
-DESIGN §3. Growth unlocks a pre-allocated low-rank expert slot of a level:
-the slot's `active` bit is set (model state, 'cms' collection), `A` gets a
-small random init, `B` and the slot's router row start at zero. With `B = 0`
-the new expert adds exactly zero, so the model's function is unchanged at the
-moment of growth. Shapes never change, so no jitted step recompiles.
+docs/design.md §3. Growth unlocks a pre-allocated low-rank expert slot of a
+level: the slot's `active` bit is set (model state, 'cms' collection), `A`
+gets a small random init, `B` and the slot's router row start at zero. With
+`B = 0` the new expert adds exactly zero, so the model's function is
+unchanged at the moment of growth. Shapes never change, so no jitted step
+recompiles.
 
 `state` below is the model state: the non-param variable collections,
 `{'cms': {'level_0': bool[E_max], ...}}`.

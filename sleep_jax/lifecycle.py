@@ -1,4 +1,6 @@
-"""The wake/sleep lifecycle over a stream of sessions (DESIGN §1, §10.1).
+"""The wake/sleep lifecycle over a stream of sessions.
+
+docs/design.md §1 and §10.1.
 
 One `Lifecycle` runs one method with one seed through every session:
 

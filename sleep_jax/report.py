@@ -1,4 +1,6 @@
-"""Human-readable report of a continual-learning experiment (DESIGN §8).
+"""Human-readable report of a continual-learning experiment.
+
+The results it reads follow docs/design.md §8.
 
 `write_report(results, workdir)` turns the `results` dict of an experiment
 into <workdir>/report.md (a headline table, per-method accuracy matrices and,

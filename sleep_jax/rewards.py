@@ -1,4 +1,4 @@
-"""Rewards for Learning to Imitate (DESIGN §4.2-4.3).
+"""Rewards for Learning to Imitate (docs/design.md §4.2-4.3).
 
 * `levenshtein_reward`: token-level Levenshtein distance and the thresholded
   reward
@@ -45,7 +45,7 @@ def _rows(tokens, lengths) -> list[list[int]]:
 
 
 def levenshtein_reward(pred, ref, *, z0, pred_lengths=None, ref_lengths=None):
-  """r_abs of DESIGN §4.2 on token sequences.
+  """r_abs of docs/design.md §4.2 on token sequences.
 
   Either two 1-D token sequences (lists or arrays; returns a float), or two
   padded batches int[B, N] and int[B, M] with `pred_lengths` / `ref_lengths`

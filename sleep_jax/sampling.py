@@ -254,7 +254,7 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
     model_state: the model's non-param collections (a CMS model's expert
       masks, {'cms': ...}); None for a plain model.
     random_expert: CMS models only: every level adds one uniformly random
-      active expert per token (dreaming, DESIGN §5-6).
+      active expert per token (dreaming, docs/design.md §5-6).
 
   Returns:
     SampleOutput(tokens int32[B, N], logprobs f32[B, N], lengths int32[B]).

@@ -1,4 +1,4 @@
-"""Knowledge Seeding: the consolidation stage of sleep (DESIGN §4).
+"""Knowledge Seeding: the consolidation stage of sleep (docs/design.md §4).
 
 The knowledge a fast CMS level holds moves into a newly grown expert of the
 next, slower level; then the fast level's experts are freed.

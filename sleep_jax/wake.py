@@ -1,4 +1,4 @@
-"""Wake: the online multi-frequency update of the CMS levels (DESIGN §2).
+"""Wake: the online multi-frequency CMS update (docs/design.md §2).
 
 Each wake step takes one chunk of the stream (a batch of token rows),
 computes the next-token loss gradient with respect to the levels that learn
@@ -8,10 +8,11 @@ since the session began is a multiple of C^(l), then clears the sum:
 
     theta_l <- theta_l + tx_l(sum_{t in chunk} grad_l(theta_t; x_t))
 
-With plain SGD this is DESIGN's update `theta - sum_t eta * g_t`. With a
-stateful optimiser (Adam) the chunk's summed gradient is one optimiser step.
-Passing `boundary=True` on the last step of a session also flushes every
-level's partial chunk and restarts the chunk phase (our reading, DESIGN §2).
+With plain SGD this is the chunk update `theta - sum_t eta * g_t` of
+docs/design.md §2. With a stateful optimiser (Adam) the chunk's summed
+gradient is one optimiser step. Passing `boundary=True` on the last step of
+a session also flushes every level's partial chunk and restarts the chunk
+phase (our reading, docs/design.md §2).
 
 Every other parameter (attention, embeddings, norms) stays frozen in wake,
 and so do inactive experts (zero gradient, zero update, zero optimiser

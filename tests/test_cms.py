@@ -1,4 +1,4 @@
-"""CMS levels (DESIGN §2-3): config checks, masked experts, growth and reset."""
+"""CMS levels (docs/design.md §2-3): config, masked experts, growth, reset."""
 
 import flax.linen as nn
 import jax
@@ -192,7 +192,7 @@ def test_inactive_experts_get_exactly_zero_gradient():
 
 
 def _np_level(x, dense, a, b, router, active, top_k, gate_bias=0.0):
-  """Numpy reference of one CMS level (DESIGN §3, our reading)."""
+  """Numpy reference of one CMS level (docs/design.md §3, our reading)."""
   silu = lambda v: v / (1 + np.exp(-v))
   y = (silu(x @ dense['gate_kernel']) * (x @ dense['up_kernel'])) @ dense[
       'down_kernel']

@@ -103,7 +103,7 @@ def test_smoke_writes_every_output(reference):
           np.mean([run[key] for run in entry['per_seed']]))
       assert entry[f'{key}_std'] == pytest.approx(
           np.std([run[key] for run in entry['per_seed']], ddof=1))
-    assert entry['base_acc'] == entry['final_base_acc']  # DESIGN §8 readers
+    assert entry['base_acc'] == entry['final_base_acc']  # docs/design.md §8
     # Per-stage recall explains each cycle: after wake for every method
     # that learns in wake, then after each sleep stage it ran.
     stages = entry['per_seed'][0]['cycles'][-1]['stages']
@@ -295,11 +295,14 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
       (dict(num_experts=2), r'model.cms_levels\[1\].num_experts=2 is too small'),
       (dict(lora_rank=0), 'lora.rank=0'),
       (dict(xla_optimize='no'), "xla_optimize='no' must be True or False"),
+      (dict(judge='teacher'), "sleep.judge='teacher' is not available"),
   ]
   for change, message in cases:
     config = continual_config.get_config('smoke')
     if 'sleep_alpha' in change:
       config.sleep.alpha = change['sleep_alpha']
+    if 'judge' in change:
+      config.sleep.judge = change['judge']
     if 'chunks' in change:
       for level, chunk in zip(config.model.cms_levels, change['chunks']):
         level['chunk_size'] = chunk

@@ -1,4 +1,4 @@
-"""Dreaming (DESIGN §5): vmapped isolated evaluation, selection, rehearsal."""
+"""Dreaming (docs/design.md §5): isolated evaluation, selection, rehearsal."""
 
 import dataclasses
 import functools

@@ -1,4 +1,4 @@
-"""LTI rewards (DESIGN §4.2-4.3): edit-distance reward and semantic judges."""
+"""LTI rewards (docs/design.md §4.2-4.3): edit distance, semantic judges."""
 
 import flax.linen as nn
 import jax

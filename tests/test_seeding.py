@@ -1,4 +1,4 @@
-"""Knowledge Seeding (DESIGN §4): divergences, the KS step, consolidate()."""
+"""Knowledge Seeding (docs/design.md §4): divergences, KS step, consolidate."""
 
 import dataclasses
 import functools

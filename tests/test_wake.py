@@ -1,4 +1,4 @@
-"""Wake: the multi-frequency online CMS update (DESIGN §2)."""
+"""Wake: the multi-frequency online CMS update (docs/design.md §2)."""
 
 import flax.linen as nn
 from flax import traverse_util
@@ -79,7 +79,7 @@ def _level_of(path):
 
 
 def reference_loop(model, params, state, stream, boundaries):
-  """Naive per-step SGD with per-level accumulation, written from DESIGN §2.
+  """Naive per-step SGD with per-level accumulation (docs/design.md §2).
 
   Only active experts (slot 0 here) and dense experts learn; inactive slots
   and everything outside the CMS levels stay fixed.

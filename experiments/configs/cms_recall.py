@@ -1,4 +1,7 @@
-"""The CMS wake study (issue 4): online fast levels vs frozen MLPs on a stream.
+"""The CMS wake study: online fast levels vs frozen MLPs on a stream.
+
+It measures the wake update in isolation: how many facts from a stream
+the online fast levels keep (docs/design.md §2, §10.2).
 
     python -m experiments.cms_recall --config=experiments/configs/cms_recall.py \
         --workdir=/tmp/cms_recall

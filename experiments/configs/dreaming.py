@@ -1,4 +1,7 @@
-r"""The dreaming study (issue 6): ReST-EM and rehearsal on a toy world.
+r"""The dreaming study: ReST-EM and rehearsal on a toy world.
+
+It measures dreaming in isolation, without consolidation before it
+(docs/design.md §5, §10.2).
 
     python -m experiments.dreaming --config=experiments/configs/dreaming.py \
         --workdir=/tmp/dreaming

@@ -1,4 +1,7 @@
-r"""The Knowledge Seeding study (issue 5): consolidation of a fast level's facts.
+r"""The Knowledge Seeding study: consolidation of a fast level's facts.
+
+It measures Knowledge Seeding in isolation: how much of what a fast level
+learned moves into a new slow-level expert (docs/design.md §4, §10.2).
 
     python -m experiments.seeding --config=experiments/configs/seeding.py \
         --workdir=/tmp/seeding

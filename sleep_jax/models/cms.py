@@ -1,7 +1,7 @@
 """Continuum Memory System: the MLP slot as a chain of mixture-of-experts levels.
 
-DESIGN §2-3. The slot of each block maps its (normed) input z_0 through the
-levels, fastest first:
+docs/design.md §2-3. The slot of each block maps its (normed) input z_0
+through the levels, fastest first:
 
     z_l = z_{l-1} + y_l,   y_l = Level_l(z_{l-1}),   slot output = sum_l y_l
 
@@ -37,7 +37,8 @@ are computed for every token and masked: with E_max * r small next to the
 dense width this costs little and keeps shapes static.
 
 `random_expert=True` (with a 'random_expert' rng) adds one uniformly random
-active low-rank expert per token on top of the top-k (dreaming, DESIGN §5).
+active low-rank expert per token on top of the top-k (dreaming,
+docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ def active_param_count(config: TransformerConfig, model_state) -> int:
 
 def add_fast_levels(config: TransformerConfig, params,
                     fast_levels, slowest: CMSLevel, rng):
-  """Pretrained-backbone mode (DESIGN §2): small fast CMS levels before the MLP.
+  """Pretrained-backbone mode: small fast CMS levels before the MLP.
+
+  docs/design.md §2.
 
   Takes a plain model (e.g. from `load_hf_checkpoint` / `load_gguf`) and
   returns (cms_config, params, model_state) where each block's MLP slot is

@@ -46,7 +46,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class CMSLevel:
-  """One level of the Continuum Memory System (DESIGN §2-3).
+  """One level of the Continuum Memory System (docs/design.md §2-3).
 
   A level is a dense SwiGLU expert plus `num_experts` pre-allocated low-rank
   experts (inactive until grown) behind a router. Levels are listed fastest

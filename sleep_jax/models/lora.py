@@ -13,7 +13,7 @@ model's 'lora' variable collection: the Transformer adds (x @ a) @ b next to
 x @ W.
 The second is the one to vmap over copies (`init(..., copies=N)` gives every
 leaf a leading copy axis): all copies share each base matmul, and gradients
-exist only for a and b, never for a kernel (DESIGN §5, step 3).
+exist only for a and b, never for a kernel (docs/design.md §5, step 3).
 """
 
 from __future__ import annotations

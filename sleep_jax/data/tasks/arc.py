@@ -1,9 +1,10 @@
 r"""ARC-style few-shot tasks, and dreams that are training *strategies* (SEAL).
 
-SEAL's few-shot ARC protocol (Zweiger et al. 2025; DESIGN §10.2): given a
-task's demonstration pairs, the model writes a self-edit that is not text to
-learn but a *strategy*: which augmentations of the demonstrations to train
-on, the learning rate, the number of steps and which tokens carry the loss.
+SEAL's few-shot ARC protocol (Zweiger et al. 2025; docs/design.md §10.2):
+given a task's demonstration pairs, the model writes a self-edit that is not
+text to learn but a *strategy*: which augmentations of the demonstrations to
+train on, the learning rate, the number of steps and which tokens carry the
+loss.
 A fresh LoRA trains on the data the strategy builds (leave-one-out tasks
 over the demonstrations, each augmented), and the reward is whether the
 adapted model then solves the held-out test output.
