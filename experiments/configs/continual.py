@@ -1,4 +1,4 @@
-r"""The main job: continual knowledge incorporation, DESIGN §10.1.
+r"""The main job: continual knowledge incorporation, docs/design.md §10.1.
 
     python -m experiments.continual                     # the default
     python -m experiments.continual --config=experiments/configs/continual.py:full \
