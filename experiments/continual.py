@@ -11,7 +11,6 @@ Re-running the same command resumes from the last completed cycle.
 
 from absl import app
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from sleep_jax import sharding
@@ -26,9 +25,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   sharding.maybe_initialize_distributed()
-  if not _CONFIG.value.get('xla_optimize', True):
-    # Process-wide and read at each compile, so set before the first one.
-    jax.config.update('jax_disable_most_optimizations', True)
   from sleep_jax import continual  # after distributed init, by design
   continual.run(_CONFIG.value, _WORKDIR.value)
 

@@ -28,6 +28,7 @@ import subprocess
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -145,6 +146,10 @@ def validate_config(config) -> dict[str, Any]:
                 config.get('sleep_per_method', {}).items()}
   consolidating = [k for k, v in lifecycle.METHODS.items() if v.consolidate]
   for m, overrides in per_method.items():
+    shared = sorted({'judge', 'judge_threshold'} & set(overrides))
+    if shared:
+      raise ValueError(f'sleep_per_method.{m} sets {shared}: one judge serves '
+                       'every method; set sleep.judge / sleep.judge_threshold.')
     if m not in consolidating:
       raise ValueError(f'sleep_per_method has {m!r}; valid: the methods that '
                        f'consolidate, {consolidating}.')
@@ -187,7 +192,8 @@ def validate_config(config) -> dict[str, Any]:
     raise ValueError(f'model.cms_levels[1].num_experts={slow.num_experts} is '
                      f'too small: the base uses {base_experts[1]} and sleep '
                      f'grows {per_sleep} per session ({sessions} sessions); '
-                     f'raise it to {need}.')
+                     f'raise it to {need} (and top_k to {need + 1} to keep '
+                     'growth exact).')
   if fast.num_experts < 1 or fast.chunk_size < 1:
     raise ValueError('model.cms_levels[0] must learn in wake (chunk_size >= 1)'
                      ' and have num_experts >= 1.')
@@ -373,6 +379,8 @@ def sleep_training_rows(config, people_per_session: int) -> int:
   evaluation (forward only) are not counted."""
   wake, ks, dream = config.wake, config.sleep, config.dreaming
   rows = int(wake.steps) * int(wake.batch_size)
+  if wake.get('anchor_weight', 0) > 0:
+    rows += int(wake.steps) * int(ks.anchor_batch_size)
   per_step = 0
   if ks.alpha > 0:
     per_step += int(ks.batch_size)
@@ -410,10 +418,27 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   metrics_lib.write_json(os.path.join(workdir, 'config.json'), config_dict)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
+  data_devices = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp')
+                               if a in mesh.shape]))
+  batches = [('wake.batch_size', int(config.wake.batch_size))]
+  if float(config.wake.get('anchor_weight', 0.0)) > 0:
+    batches.append(('sleep.anchor_batch_size',
+                    parsed['seeding'].anchor_batch_size))
+  for key, rows in batches:
+    if rows % data_devices:
+      raise ValueError(f'{key}={rows} must divide evenly over the '
+                       f'{data_devices} data-parallel devices of the mesh; '
+                       'use a multiple of it.')
   model = Transformer(parsed['model'])
   # Compiler flags can change the numbers; the default adds no key so that
   # caches made before the flag existed stay valid.
-  compiler = {} if config.get('xla_optimize', True) else {'xla_optimize': False}
+  if not config.get('xla_optimize', True):
+    # Process-wide and read at each compile, so set before the first one.
+    jax.config.update('jax_disable_most_optimizations', True)
+  # What compiled the programs (the environment can turn optimisations off
+  # too), not what the config asked for.
+  optimized = not jax.config.read('jax_disable_most_optimizations')
+  compiler = {} if optimized else {'xla_optimize': False}
   base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
       {**{k: config[k].to_dict() for k in _BASE_KEYS},
        'world_format': facts.FORMAT_VERSION, **compiler}))
@@ -448,8 +473,9 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
                # What a (method, seed) run's cycles depend on: the config
                # but for which methods and seeds run alongside it.
                'run_hash': fact_world.config_hash(
-                   {k: v for k, v in config_dict.items()
-                    if k not in ('methods', 'seeds')}),
+                   {**{k: v for k, v in config_dict.items()
+                       if k not in ('methods', 'seeds')},
+                    'xla_optimize': optimized}),
                'code_version': code_version(),
                'base': os.path.relpath(base_dir, workdir)},
       base_replay=world.base_replay, compute_steps=compute_steps,

@@ -310,7 +310,8 @@ class Lifecycle:
     m = self.method
     if m.wake == 'cms':
       params, model_state = self._wake_cms(params, model_state, session.rows,
-                                           jax.random.fold_in(key, 0), host)
+                                           jax.random.fold_in(key, 0), host,
+                                           jax.random.fold_in(key, 5))
     elif m.wake in ('finetune', 'lora'):
       old = [s.rows for s in self.s.sessions[:t]] if m.replay else []
       if m.replay_base:
@@ -432,7 +433,7 @@ class Lifecycle:
     return {'params': params, 'model_state': model_state,
             'weight': cfg.anchor_weight, 'rows': rows}
 
-  def _wake_cms(self, params, model_state, rows, key, host):
+  def _wake_cms(self, params, model_state, rows, key, host, anchor_key):
     pre_wake = (params, model_state)
     params, model_state, _ = growth.grow(params, model_state,
                                          self.s.fast_level, key)
@@ -447,12 +448,13 @@ class Lifecycle:
                                      self.s.batch_size, host)
     anchor = None
     if anchored:
-      # Its own key, so the data batches stay those of the unanchored wake.
+      # Its own key and drawn after the batches, so the data batches stay
+      # those of the unanchored wake.
       samples = baselines.self_samples(
           self.s.model, *pre_wake, steps=self.s.wake_steps,
           batch_size=self.seeding.anchor_batch_size,
           max_new_tokens=self.seeding.anchor_max_new_tokens,
-          rng=jax.random.fold_in(key, 1), **self.s.token_ids)
+          rng=anchor_key, **self.s.token_ids)
       batches = {**batches, 'anchor_tokens': samples['tokens'],
                  'anchor_mask': samples['mask']}
       # A copy: the wake state is donated and may share its buffers.

@@ -296,6 +296,9 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
       (dict(lora_rank=0), 'lora.rank=0'),
       (dict(xla_optimize='no'), "xla_optimize='no' must be True or False"),
       (dict(judge='teacher'), "sleep.judge='teacher' is not available"),
+      (dict(wake_anchor=-1.0), 'wake.anchor_weight=-1.0 must be >= 0'),
+      (dict(per_method_judge='embedding'),
+       r"sleep_per_method.sleep sets \['judge'\]"),
   ]
   for change, message in cases:
     config = continual_config.get_config('smoke')
@@ -303,6 +306,10 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
       config.sleep.alpha = change['sleep_alpha']
     if 'judge' in change:
       config.sleep.judge = change['judge']
+    if 'wake_anchor' in change:
+      config.wake.anchor_weight = change['wake_anchor']
+    if 'per_method_judge' in change:
+      config.sleep_per_method.sleep = {'judge': change['per_method_judge']}
     if 'chunks' in change:
       for level, chunk in zip(config.model.cms_levels, change['chunks']):
         level['chunk_size'] = chunk

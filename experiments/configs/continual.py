@@ -169,7 +169,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.base.train_steps = 600
       config.capacity.people = 0
       config.optimizer.warmup_steps = 20
-      config.wake.update(steps=40, batch_size=8)
+      # The wake anchor is off by default; on here so CI runs its path.
+      config.wake.update(steps=40, batch_size=8, anchor_weight=0.3)
       config.baselines.finetune_learning_rate = 1e-3
       config.sleep.update(num_steps=2, batch_size=4, group_size=2,
                           max_new_tokens=4, anchor_batch_size=2,
