@@ -245,3 +245,18 @@ def test_dreaming_study_config_checks(overrides, message):
   config.update(overrides)
   with pytest.raises(ValueError, match=message):
     dreaming_study.validate_config(config)
+
+
+@pytest.mark.parametrize('study', ['cms_recall', 'seeding'])
+def test_study_default_configs_fit_their_world(study):
+  """The no-flag run of each fact-world study must not fail on its data:
+  every passage and question row fits data.seq_len (the smoke variants the
+  other tests run are not the defaults users run)."""
+  import importlib
+  from sleep_jax import fact_world
+  config = importlib.import_module(f'experiments.configs.{study}').get_config()
+  world = fact_world.build(config)
+  for people in [world.base, *world.sessions]:
+    assert world.passages(people)['inputs'].shape[1] == config.data.seq_len
+    world.recall(people)
+    world.probe(people)

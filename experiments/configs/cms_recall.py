@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       vocab_size=512, d_model=96, num_layers=3, num_heads=4, num_kv_heads=2,
       d_ff=256, max_len=64, mlp='cms', cms_levels=_levels(2)))
-  config.data = ml_collections.ConfigDict(dict(seq_len=32,
+  config.data = ml_collections.ConfigDict(dict(seq_len=40,
                                                tokenizer_vocab_size=400))
   config.stream = ml_collections.ConfigDict(dict(
       base_people=300, sessions=4, people_per_session=16,

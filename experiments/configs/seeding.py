@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                learning_rate=2e-3, optimizer='adam', update_dense=False),
           dict(chunk_size=0, width=256, num_experts=4, rank=16, top_k=2,
                learning_rate=0.0, optimizer='adam', update_dense=False)]))
-  config.data = ml_collections.ConfigDict(dict(seq_len=32,
+  config.data = ml_collections.ConfigDict(dict(seq_len=40,
                                                tokenizer_vocab_size=400))
   config.stream = ml_collections.ConfigDict(dict(
       base_people=300, sessions=1, people_per_session=16, batch_size=32))
