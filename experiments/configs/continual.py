@@ -97,7 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       anchor_batch_size=8, anchor_max_new_tokens=16))
   # Per method, overrides of sleep.*: without expansion KS trains the slow
   # level's existing weights, so it gets a rate of its own rather than the
-  # one chosen for a fresh expert.
+  # one chosen for a fresh expert: the best of 1e-4..1e-2 on the validation
+  # world (experiments/results/continual.md).
   config.sleep_per_method = ml_collections.ConfigDict(dict(
       sleep_no_expansion=dict(learning_rate=1e-3)))
   config.dreaming = ml_collections.ConfigDict(dict(
