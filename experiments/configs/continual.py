@@ -128,10 +128,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       people=16, scaled=('wake.steps', 'sleep.num_steps', 'sleep.experts',
                        'dreaming.rehearse_steps')))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # False: XLA skips most optimisation passes (jax_disable_most_optimizations
-  # ): programs compile faster and run slower, a good trade only where
-  # compiling dominates, as in `smoke`.
-  config.xla_optimize = True
   config.sharding = ml_collections.ConfigDict(dict(
       rules=[list(rule) for rule in DEFAULT_RULES]))
 
@@ -154,7 +150,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.seeds = (0, 1)
       config.sessions = 2
       config.methods = ALL_METHODS
-      config.xla_optimize = False
       # Small, but it learns: after wake, Sleep's fast expert and
       # fine-tuning recall the session's probe items well above chance
       # (tests/test_continual.py checks it).
