@@ -68,7 +68,8 @@ def _final_state(workdir, method, seed, cycle):
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, env):
   workdir = str(tmp_path_factory.mktemp('reference'))
-  stdout = _run(env, workdir)
+  stdout = _run(env, workdir,
+                f'--config.methods={continual_config.ALL_METHODS}')
   return workdir, stdout
 
 
