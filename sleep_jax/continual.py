@@ -427,8 +427,6 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
                        f'{data_devices} data-parallel devices of the mesh; '
                        'use a multiple of it.')
   model = Transformer(parsed['model'])
-  # Compiler flags can change the numbers; the default adds no key so that
-  # caches made before the flag existed stay valid.
   # Compiler settings can change the numbers: JAX_DISABLE_MOST_OPTIMIZATIONS
   # (the test suite sets it) is part of what a base model and a run are.
   # Unset adds no key, so caches made before this check stay valid.
