@@ -8,11 +8,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from sleep_jax import cli
 from sleep_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'experiments/configs/cms_recall.py',
-    'Path to a config file, optionally with ":variant".', lock_config=True)
+    'config', cli.default_config(__file__, 'cms_recall.py'), cli.CONFIG_HELP,
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/cms_recall', 'Output directory.')
 
 
@@ -25,4 +26,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

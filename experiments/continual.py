@@ -6,18 +6,25 @@ docs/design.md §10.1.
     python -m experiments.continual --config=experiments/configs/continual.py:full \
         --workdir=/tmp/continual_full
 
-Re-running the same command resumes from the last completed cycle.
+Variants: "" (the default), full, long, smoke, validation, lr_sweep
+(comma-separated; experiments/configs/continual.py says what each is). Any
+config key can be overridden: --config.<key>.<subkey>=<value>.
+
+Re-running the same command resumes from the last completed cycle; other
+methods or seeds in the same --workdir add to its results.json; any other
+change of the config needs its own --workdir.
 """
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from sleep_jax import cli
 from sleep_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'experiments/configs/continual.py',
-    'Path to a config file, optionally with ":variant".', lock_config=True)
+    'config', cli.default_config(__file__, 'continual.py'), cli.CONFIG_HELP,
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/continual', 'Output directory.')
 
 
@@ -30,4 +37,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

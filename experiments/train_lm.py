@@ -10,10 +10,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from sleep_jax import cli
 from sleep_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file, optionally with ":variant".',
+    'config', None, cli.CONFIG_HELP,
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _STOP_AFTER = flags.DEFINE_integer(
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

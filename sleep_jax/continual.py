@@ -38,10 +38,12 @@ from sleep_jax import fact_world
 from sleep_jax import lifecycle
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import report
+from sleep_jax import resources
 from sleep_jax import rewards
 from sleep_jax import seeding
 from sleep_jax import sharding
 from sleep_jax import wake
+from sleep_jax import workdir as workdir_lib
 from sleep_jax.data.tasks import facts
 from sleep_jax.data.tasks import world_tfds
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
@@ -106,9 +108,15 @@ def validate_config(config) -> dict[str, Any]:
   if unknown or not methods or len(set(methods)) != len(methods):
     raise ValueError(f'methods={methods}: each must be one of '
                      f'{list(lifecycle.METHODS)}, at least one, no repeats.')
-  seeds = [int(s) for s in config.seeds]
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f'seeds={seeds} must be a non-empty list of distinct ints.')
+  seeds = list(config.seeds)
+  if (not seeds or len(set(seeds)) != len(seeds) or not all(
+      isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+      for s in seeds)):
+    raise ValueError(f'seeds={tuple(seeds)}: must be distinct integers, at '
+                     "least one; e.g. --config.seeds='(0,1,2)'.")
+  seeds = [int(s) for s in seeds]
+  if int(config.get('divergence_steps', 10)) < 1:
+    raise ValueError(f'divergence_steps={config.divergence_steps} must be >= 1.')
   sessions = int(config.sessions)
   if sessions < 1:
     raise ValueError(f'sessions={sessions} must be >= 1.')
@@ -344,7 +352,10 @@ def summarize(per_seed: list[dict]) -> dict:
   entry.update(
       base_acc=entry['final_base_acc'],  # older name (docs/design.md §8)
       params=int(per_seed[0]['params']),
-      seconds=float(sum(r['seconds'] for r in per_seed)), per_seed=per_seed)
+      seconds=float(sum(r['seconds'] for r in per_seed)),
+      compile_seconds=float(sum(r.get('compile_seconds', 0.0)
+                                for r in per_seed)),
+      per_seed=per_seed)
   return entry
 
 
@@ -362,6 +373,10 @@ def _per_seed(seed: int, records: list[dict], item_counts: list[int],
           'forgetting': eval_lib.forgetting(matrix),
           'base_acc': final_base, 'params': records[-1]['params'],
           'seconds': sum(r['seconds'] for r in records),
+          # Cycles restored from checkpoints written before this was
+          # recorded count none.
+          'compile_seconds': sum(r.get('compile_seconds', 0.0)
+                                 for r in records),
           'cycles': [{k: r[k] for k in ('grown', 'reset', 'sleep', 'base_acc',
                                         'stages')}
                      for r in records]}
@@ -401,12 +416,38 @@ def sleep_training_rows(config, people_per_session: int) -> int:
   return rows
 
 
+# Keys that do not change any (method, seed)'s numbers: which of them run.
+_NOT_RUN_KEYS = ('methods', 'seeds')
+
+
 def run(config, workdir: str, log=print) -> dict[str, Any]:
+  """The whole job in `workdir` (see the module docstring); returns what it
+  writes to results.json.
+
+  A workdir holds one config: a re-run with other methods or seeds adds to
+  its results, one that changes anything else is refused before anything
+  is written (sleep_jax.workdir). The command line also locks it against a
+  second process (sleep_jax.cli).
+  """
   given = config.to_dict()
   config = scaled_config(config)
   parsed = validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  model = Transformer(parsed['model'])
+  resources.check_fits(
+      model, max(int(config.base.batch_size), int(config.wake.batch_size)),
+      max(int(config.data.document_len), int(config.data.seq_len)),
+      'model.d_model, model.d_ff, model.num_layers or model.vocab_size '
+      '(or base.batch_size / data.document_len)')
+  workdir_lib.prepare(workdir)
   config_dict = config.to_dict()
+  # Compiler settings can change the numbers: JAX_DISABLE_MOST_OPTIMIZATIONS
+  # (the test suite sets it) is part of what a base model and a run are.
+  # Unset adds no key, so caches made before this check stay valid.
+  optimized = not jax.config.read('jax_disable_most_optimizations')
+  compiler = {} if optimized else {'xla_optimize': False}
+  identity = {**{k: v for k, v in config_dict.items()
+                 if k not in _NOT_RUN_KEYS}, **compiler}
+  workdir_lib.check_same_run(workdir, identity)
   if config_dict != given:
     log('scaled to ' + ', '.join(
         f'{k}={config[k.split(".")[0]][k.split(".")[1]]}'
@@ -426,27 +467,25 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       raise ValueError(f'{key}={rows} must divide evenly over the '
                        f'{data_devices} data-parallel devices of the mesh; '
                        'use a multiple of it.')
-  model = Transformer(parsed['model'])
-  # Compiler settings can change the numbers: JAX_DISABLE_MOST_OPTIMIZATIONS
-  # (the test suite sets it) is part of what a base model and a run are.
-  # Unset adds no key, so caches made before this check stay valid.
-  optimized = not jax.config.read('jax_disable_most_optimizations')
-  compiler = {} if optimized else {'xla_optimize': False}
   base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
       {**{k: config[k].to_dict() for k in _BASE_KEYS},
        'world_format': facts.FORMAT_VERSION, **compiler}))
   os.makedirs(base_dir, exist_ok=True)
-  world = load_world(config, parsed, workdir,
-                     os.path.join(base_dir, 'tokenizer.model'))
+  tokenizer_file = 'tokenizer.model'
+  tokenizer_path = os.path.join(base_dir, tokenizer_file)
+  fact_world.checked_file(base_dir, tokenizer_file, log)
+  world = load_world(config, parsed, workdir, tokenizer_path)
   tokenizer, base_items, sessions = (world.tokenizer, world.base_items,
                                      world.sessions)
-  if not os.path.exists(os.path.join(base_dir, 'tokenizer.model')):
-    tokenizer.save(os.path.join(base_dir, 'tokenizer.model'))
+  if not os.path.exists(tokenizer_path):
+    tokenizer.save(tokenizer_path)
+    fact_world.record_file(base_dir, tokenizer_file)
   params, model_state = base_model(config, parsed, model, world.base_rows,
                                    base_dir,
                                    mesh, rules, log)
   base_acc = eval_lib.recall_accuracy(model, params, model_state, base_items)
-  log(f'base model: closed-book recall of the base population {base_acc:.3f}')
+  log(f'base model: closed-book recall of the base population '
+      f'{100 * base_acc:.1f}%')
   seeding_cfg = parsed['seeding']
   compute_steps = -(-sleep_training_rows(
       config, int(config.world.people_per_session)) // int(
@@ -467,31 +506,55 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
                # but for which methods and seeds run alongside it.
                'run_hash': fact_world.config_hash(
                    {**{k: v for k, v in config_dict.items()
-                       if k not in ('methods', 'seeds')},
+                       if k not in _NOT_RUN_KEYS},
                     'xla_optimize': optimized}),
                'code_version': code_version(),
                'base': os.path.relpath(base_dir, workdir)},
       base_replay=world.base_replay, compute_steps=compute_steps,
       wake_anchor_weight=float(config.wake.get('anchor_weight', 0.0)),
-      method_seeding=parsed['sleep_per_method'])
-  writer = metrics_lib.MetricWriter(workdir, resume_step=2**62)
+      method_seeding=parsed['sleep_per_method'],
+      divergence_steps=int(config.get('divergence_steps', 10)))
+  writer = metrics_lib.MetricWriter(workdir, resume_step=2**62, log=log)
   base_info = {}
   if os.path.exists(os.path.join(base_dir, 'base.json')):
     with open(os.path.join(base_dir, 'base.json')) as f:
       base_info = {'seconds': json.load(f)['seconds']}
+  results_path = os.path.join(workdir, 'results.json')
+  # Same config (check_same_run): its finished (method, seed) runs are kept.
+  earlier = _earlier_runs(results_path)
   results = {'methods': {}, 'seeds': parsed['seeds'], 'config': config_dict,
              'base': {'acc': base_acc, **base_info},
              **({'config_given': given} if given != config_dict else {}),
              'items': {'base': len(base_items['inputs']),
                        'sessions': [len(x.items['inputs']) for x in sessions]},
              'finetune_compute_steps': compute_steps,
-             'chance': 1.0 / len(facts.ATTRIBUTES['city'])}
+             'chance': 1.0 / len(facts.ATTRIBUTES['city']),
+             'asked': [[m, s] for m in parsed['methods']
+                       for s in parsed['seeds']]}
+  progress = _JobProgress(len(parsed['methods']) * len(parsed['seeds']) *
+                          len(sessions))
+
+  def write_results(runs: dict, finished: bool) -> None:
+    merged = {m: dict(seeds) for m, seeds in earlier.items()}
+    for name, seeds in runs.items():
+      merged.setdefault(name, {}).update(seeds)
+    order = list(parsed['methods']) + [m for m in merged
+                                       if m not in parsed['methods']]
+    results['methods'] = {
+        m: summarize([merged[m][s] for s in sorted(merged[m])])
+        for m in order if merged.get(m)}
+    results['seeds'] = sorted({s for m in merged.values() for s in m})
+    results['complete'] = [[m, s] for m in order
+                           for s in sorted(merged.get(m, {}))]
+    results['finished'] = finished
+    metrics_lib.write_json(results_path, results)
+
+  runs = {}
   try:
     for name in parsed['methods']:
-      runs = []
       for seed in parsed['seeds']:
-        tag = f'{name}/seed{seed}'
-        def on_cycle(record, tag=tag):
+        tag, before = f'{name}/seed{seed}', progress.done
+        def on_cycle(record, tag=tag, before=before):
           scalars = {f'{tag}/acc_mean': float(np.mean(record['acc'])),
                      f'{tag}/base_acc': record['base_acc'],
                      f'{tag}/seconds': record['seconds']}
@@ -499,23 +562,57 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
                           for j, a in enumerate(record['acc'])})
           scalars.update({f'{tag}/{k}': v for k, v in record['sleep'].items()})
           writer.write(record['cycle'], scalars)
-        records = lifecycle.Lifecycle(
+          return progress.cycle_done(before + record['cycle'] + 1,
+                                     record['seconds'])
+        lifecycle_run = lifecycle.Lifecycle(
             name, seed, settings,
             os.path.join(workdir, 'checkpoints', name, f'seed_{seed}'),
-            log=log).run(params, model_state, on_cycle=on_cycle)
-        runs.append(_per_seed(
+            log=log)
+        records = lifecycle_run.run(params, model_state, on_cycle=on_cycle)
+        progress.done = before + len(sessions)
+        runs.setdefault(name, {})[seed] = _per_seed(
             seed, records, [len(x.items['inputs']) for x in sessions],
-            len(base_items['inputs'])))
-      results['methods'][name] = summarize(runs)
+            len(base_items['inputs']))
+        write_results(runs, finished=False)
       entry = results['methods'][name]
-      log(f'[{name}] final ACC all {entry["final_acc_all"]:.3f} ± '
-          f'{entry["final_acc_all_std"]:.3f} (base '
-          f'{entry["final_base_acc"]:.3f}, sessions {entry["final_acc"]:.3f}'
-          f'), BWT {entry["bwt"]:+.3f} ± {entry["bwt_std"]:.3f}, forgetting '
-          f'{entry["forgetting"]:.3f} over seeds {parsed["seeds"]}')
-      metrics_lib.write_json(os.path.join(workdir, 'results.json'), results)
+      log(f'[{name}] final ACC all {100 * entry["final_acc_all"]:.1f} ± '
+          f'{100 * entry["final_acc_all_std"]:.1f}% (base '
+          f'{100 * entry["final_base_acc"]:.1f}, sessions '
+          f'{100 * entry["final_acc"]:.1f}), BWT {100 * entry["bwt"]:+.1f} ± '
+          f'{100 * entry["bwt_std"]:.1f}, forgetting '
+          f'{100 * entry["forgetting"]:.1f} over seeds '
+          f'{sorted(r["seed"] for r in entry["per_seed"])}')
   finally:
     writer.close()
+  write_results(runs, finished=True)
   report.write_report(results, workdir)
-  log(f'wrote {os.path.join(workdir, "results.json")}, report.md, plots/')
+  log(f'wrote {results_path}, report.md, plots/')
   return results
+
+
+def _earlier_runs(path: str) -> dict[str, dict[int, dict]]:
+  """{method: {seed: per-seed run}} of an earlier results.json in the same
+  workdir (whose config check_same_run has already matched)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    earlier = json.load(f)
+  return {m: {int(r['seed']): r for r in entry.get('per_seed', [])}
+          for m, entry in earlier.get('methods', {}).items()}
+
+
+class _JobProgress:
+  """The job's (method, seed, cycle) count and ETA. Cycles restored from
+  checkpoints count as done; the ETA uses only the ones run here."""
+
+  def __init__(self, total: int):
+    self.total, self.done = total, 0
+    self._ran, self._seconds = 0, 0.0
+
+  def cycle_done(self, done: int, seconds: float) -> str:
+    self.done = done
+    self._ran += 1
+    self._seconds += seconds
+    eta = (self.total - done) * self._seconds / self._ran
+    return (f'job {done}/{self.total} cycles, ETA '
+            f'{metrics_lib.format_seconds(eta)}')

@@ -22,6 +22,8 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+import time
 from typing import Callable
 
 import jax
@@ -34,6 +36,7 @@ from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
 from sleep_jax import training
+from sleep_jax.checkpoints import integrity
 from sleep_jax.data import pipeline
 from sleep_jax.data.tasks import facts
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
@@ -174,6 +177,55 @@ def fingerprint(params, model_state) -> dict[str, str]:
           'matmul_precision': str(jax.config.jax_default_matmul_precision)}
 
 
+def _checksums_path(directory: str) -> str:
+  return os.path.join(directory, 'checksums.json')
+
+
+def _read_checksums(directory: str) -> dict:
+  try:
+    with open(_checksums_path(directory)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _record_checksums(directory: str, **entries) -> None:
+  metrics_lib.write_json(_checksums_path(directory),
+                         {**_read_checksums(directory), **entries})
+
+
+def _move_aside(path: str, why: str, log) -> None:
+  aside = f'{path}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
+  log(f'{path} is damaged ({why}); moved it to {aside} and building it again.')
+  shutil.move(path, aside)
+
+
+def checked_file(directory: str, name: str, log=print) -> bool:
+  """Whether `directory/name` (e.g. the base model's tokenizer) is there and
+  whole: its SHA-256 equals the one recorded when it was written. A damaged
+  one makes the whole `directory` (the model trained with it) move aside.
+  A file with no record (a cache from before checksums) is recorded now."""
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    return False
+  recorded = _read_checksums(directory).get('files', {})
+  digest = integrity.file_sha256(path)
+  if name not in recorded:
+    record_file(directory, name)
+  elif recorded[name] != digest:
+    _move_aside(directory, f'{name} does not match its checksum', log)
+    os.makedirs(directory)
+    return False
+  return True
+
+
+def record_file(directory: str, name: str) -> None:
+  """Records the checksum of `directory/name`, which `checked_file` checks."""
+  files = dict(_read_checksums(directory).get('files', {}))
+  files[name] = integrity.file_sha256(os.path.join(directory, name))
+  _record_checksums(directory, files=files)
+
+
 def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
   """(params, model_state) from `directory` if a run saved them there, else
   `train()`'s, saved there first.
@@ -181,17 +233,29 @@ def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
   Name `directory` by what decides the model (`base_dir`, or `config_hash`
   of the base config). Orbax writes to a temporary directory and renames it
   when done, so a crash mid-save leaves nothing to restore, not half a model.
+  A checksum of every array (`checksums.json`) is compared on restore: a
+  damaged or unreadable model is moved aside and trained again.
   """
   path = os.path.join(directory, 'params')
   checkpointer = ocp.StandardCheckpointer()
   try:
     if os.path.exists(path):
-      log(f'reusing the base model in {directory}')
-      restored = checkpointer.restore(path)
-      return restored['params'], restored['model_state']
+      try:
+        restored = checkpointer.restore(path)
+        expected = _read_checksums(directory).get('arrays')
+        integrity.verify(restored, expected, path)
+        log(f'reusing the base model in {directory}')
+        if expected is None:
+          _record_checksums(directory, arrays=integrity.checksums(restored))
+        return restored['params'], restored['model_state']
+      except Exception as e:  # pylint: disable=broad-except
+        _move_aside(path, f'{type(e).__name__}: {" ".join(str(e).split())[:160]}',
+                    log)
     params, model_state = jax.device_get(train())
-    checkpointer.save(path, {'params': params, 'model_state': model_state})
+    tree = {'params': params, 'model_state': model_state}
+    checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
+    _record_checksums(directory, arrays=integrity.checksums(tree))
     return params, model_state
   finally:
     checkpointer.close()

@@ -25,6 +25,7 @@ resumed run computes exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -41,7 +42,9 @@ from sleep_jax import baselines
 from sleep_jax import dreaming
 from sleep_jax import eval as eval_lib
 from sleep_jax import growth
+from sleep_jax import metrics as metrics_lib
 from sleep_jax import seeding
+from sleep_jax import training
 from sleep_jax import wake
 from sleep_jax.checkpoints.manager import Checkpointer
 from sleep_jax.models import cms
@@ -208,6 +211,9 @@ class Settings:
   # applied after the method's own (`Method.seeding`).
   method_seeding: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=dict)
+  # A wake loss at or above ln V for this many steps in a row, after it
+  # was below, stops the run (`training.divergence`).
+  divergence_steps: int = 10
   fast_level: int = 0
   slow_level: int = 1
 
@@ -309,9 +315,10 @@ class Lifecycle:
     record = {'cycle': t, 'grown': [], 'reset': [], 'sleep': {}}
     m = self.method
     if m.wake == 'cms':
-      params, model_state = self._wake_cms(params, model_state, session.rows,
-                                           jax.random.fold_in(key, 0), host,
-                                           jax.random.fold_in(key, 5))
+      params, model_state, losses = self._wake_cms(
+          params, model_state, session.rows, jax.random.fold_in(key, 0), host,
+          jax.random.fold_in(key, 5))
+      self._check_losses('wake', losses)
     elif m.wake in ('finetune', 'lora'):
       old = [s.rows for s in self.s.sessions[:t]] if m.replay else []
       if m.replay_base:
@@ -336,6 +343,7 @@ class Lifecycle:
         params, losses = baselines.finetune(
             self.s.model, params, model_state, batches, learning_rate=getattr(
                 self.s.baselines, f'{self.name}_learning_rate'), **extras)
+      self._check_losses('wake', losses)
       record['sleep']['wake_loss'] = float(losses[-1])
       if m.ewc:
         rows = {k: v[:self.s.baselines.fisher_rows]
@@ -363,10 +371,6 @@ class Lifecycle:
       stages['wake'] = probe()
 
     slots = []
-    if m.consolidate or m.dream:
-      self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}: sleep '
-               f'({"consolidation, " if m.consolidate else ""}'
-               f'{"dreaming" if m.dream else "no dreaming"})')
     if m.reset_fast:
       record['reset'] = growth.active_slots(model_state, self.s.fast_level)
       params, model_state = growth.reset(params, model_state, self.s.fast_level,
@@ -376,12 +380,13 @@ class Lifecycle:
       if self.seeding.anchor_weight > 0 and t > 0 and (
           self.seeding.anchor_prompts == 'replay'):
         anchor_replay = _prompt_rows(self.s.sessions[:t])
-      out = seeding.consolidate(
-          self.s.model, params, model_state, level=self.s.slow_level,
-          replay=_prompt_rows([session]), anchor_replay=anchor_replay,
-          cfg=self.seeding, rng=jax.random.fold_in(key, 1),
-          judge=self.s.judge, decode=self.s.decode, mesh=self.s.mesh,
-          rules=self.s.rules, **self.s.token_ids)
+      with self._diverging('consolidation'):
+        out = seeding.consolidate(
+            self.s.model, params, model_state, level=self.s.slow_level,
+            replay=_prompt_rows([session]), anchor_replay=anchor_replay,
+            cfg=self.seeding, rng=jax.random.fold_in(key, 1),
+            judge=self.s.judge, decode=self.s.decode, mesh=self.s.mesh,
+            rules=self.s.rules, **self.s.token_ids)
       params, model_state = jax.device_get((out.params, out.model_state))
       record['reset'] = [int(s) for s in out.reset_slots]
       if out.grown_slots:
@@ -396,11 +401,12 @@ class Lifecycle:
         params, model_state, slot = growth.grow(
             params, model_state, self.s.slow_level, jax.random.fold_in(key, 2))
         slots = record['grown'] = [int(slot)]
-      out = dreaming.dream(
-          self.s.model, self.s.dreaming, params, model_state, session.tasks,
-          jax.random.fold_in(key, 3), level=self.s.slow_level, slots=slots,
-          generator=extra['generator'], seed=int(host.integers(2**31)),
-          anchor=pre_wake if m.anchor else None, **self.s.token_ids)
+      with self._diverging('dreaming'):
+        out = dreaming.dream(
+            self.s.model, self.s.dreaming, params, model_state, session.tasks,
+            jax.random.fold_in(key, 3), level=self.s.slow_level, slots=slots,
+            generator=extra['generator'], seed=int(host.integers(2**31)),
+            anchor=pre_wake if m.anchor else None, **self.s.token_ids)
       params, extra['generator'] = out.params, out.generator
       if out.rounds:
         record['sleep']['dream_reward_first'] = out.rounds[0]['reward_fraction']
@@ -420,6 +426,47 @@ class Lifecycle:
                                           extra.get('adapter'))
     record['seconds'] = time.perf_counter() - t0
     return state, record
+
+  def _learning_rate(self, stage: str) -> tuple[str, float]:
+    """(config key, value) of the rate this method trains with in `stage`:
+    what a user lowers when that stage diverges."""
+    if stage == 'wake' and self.method.wake == 'cms':
+      level = self.s.model.config.cms_levels[self.s.fast_level]
+      return (f'model.cms_levels[{self.s.fast_level}].learning_rate',
+              level.learning_rate)
+    if stage == 'wake':
+      field = ('lora_learning_rate' if self.method.wake == 'lora'
+               else f'{self.name}_learning_rate')
+      return f'baselines.{field}', getattr(self.s.baselines, field)
+    if stage == 'consolidation':
+      key = ('sleep_per_method.{}.learning_rate'.format(self.name)
+             if 'learning_rate' in self.s.method_seeding.get(self.name, {})
+             else 'sleep.learning_rate')
+      return key, self.seeding.learning_rate
+    return ('dreaming.rehearse_learning_rate',
+            self.s.dreaming.rehearse_learning_rate)
+
+  def _diverged(self, stage: str, why: str) -> training.DivergenceError:
+    key, value = self._learning_rate(stage)
+    return training.DivergenceError(
+        f'{self.name} (seed {self.seed}) diverged in {stage}: {why}; lower '
+        f'{key} (now {value}) and run again: finished cycles are kept.')
+
+  def _check_losses(self, stage: str, losses) -> None:
+    why = training.divergence(losses, self.s.model.config.vocab_size,
+                              self.s.divergence_steps)
+    if why:
+      raise self._diverged(stage, why)
+
+  @contextlib.contextmanager
+  def _diverging(self, stage: str):
+    """Names this method's rate in a NaN/inf a stage's own check raises."""
+    try:
+      yield
+    except FloatingPointError as e:
+      if isinstance(e, training.DivergenceError):
+        raise
+      raise self._diverged(stage, str(e).split('.')[0]) from e
 
   def _self_anchor(self, params, model_state, steps: int, key) -> dict:
     """finetune_anchor's term: the model before this session, frozen, and
@@ -463,24 +510,28 @@ class Lifecycle:
                               may_alias=False)
       anchor = {'params': frozen[0], 'model_state': frozen[1],
                 'weight': self.s.wake_anchor_weight}
+    losses = []
     for i in range(self.s.wake_steps):
-      state, _ = step(state, {k: v[i] for k, v in batches.items()},
-                      i == self.s.wake_steps - 1, anchor)
-    return state.params, state.model_state
+      state, metrics = step(state, {k: v[i] for k, v in batches.items()},
+                            i == self.s.wake_steps - 1, anchor)
+      losses.append(metrics['loss'])
+    # One transfer after the loop: no host round trip per step.
+    return state.params, state.model_state, np.asarray(jnp.stack(losses))
 
   # --------------------------------------------------------------- run ---
 
   def run(self, params, model_state, on_cycle=None) -> list[dict]:
     """Every session, resuming from the newest readable checkpoint; returns
-    the per-cycle records. `on_cycle(record)` after each new cycle."""
+    the per-cycle records. After each new cycle, one log line; `on_cycle(
+    record)` is called first, and a string it returns ends that line."""
     initial = self.initial_state(params, model_state)
     ckpt = Checkpointer(self.directory, max_to_keep=None)
     try:
       state, records = self._restore(ckpt, initial)
       for t in range(len(records), len(self.s.sessions)):
-        self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}/'
-                 f'{len(self.s.sessions)}: wake + sleep')
+        compiling = metrics_lib.compile_seconds()
         state, record = self.cycle(state, t)
+        record['compile_seconds'] = metrics_lib.compile_seconds() - compiling
         records.append(record)
         lineage = {'method': self.name, 'seed': self.seed, 'cycle': t,
                    'parent_cycle': t - 1 if t else 'base', **self.s.lineage,
@@ -489,19 +540,23 @@ class Lifecycle:
         ckpt.save(t, state, metadata={'lineage': lineage, 'records': records},
                   force=True)
         ckpt.wait()
-        acc = ' '.join(f'{a:.2f}' for a in record['acc'])
-        for stage, values in record['stages'].items():
-          self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}: after '
-                   f'{stage}: session {values["session"]:.2f}, base '
-                   f'{values["base"]:.2f}')
-        self.log(f'[{self.name} seed {self.seed}] cycle {t + 1}: acc per '
-                 f'session [{acc}], base {record["base_acc"]:.2f}, '
-                 f'{record["seconds"]:.0f}s')
-        if on_cycle:
-          on_cycle(record)
+        note = on_cycle(record) if on_cycle else None
+        self.log(self._cycle_line(record) + (f' | {note}' if note else ''))
     finally:
       ckpt.close()
     return records
+
+  def _cycle_line(self, record: dict) -> str:
+    """The cycle in one line, recall in percent, cycles counted from 1."""
+    pct = lambda x: f'{100 * x:.0f}'
+    stages = ', '.join(f'{stage} {pct(v["session"])}/{pct(v["base"])}'
+                       for stage, v in record['stages'].items())
+    return (f'[{self.name} seed {self.seed}] cycle {record["cycle"] + 1}/'
+            f'{len(self.s.sessions)}: recall % sessions '
+            f'[{" ".join(pct(a) for a in record["acc"])}] base '
+            f'{pct(record["base_acc"])}'
+            + (f' (session/base after {stages})' if stages else '')
+            + f'; {record["seconds"]:.0f} s')
 
   def _restore(self, ckpt: Checkpointer, initial: dict):
     host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])

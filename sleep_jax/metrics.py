@@ -10,6 +10,7 @@ import time
 from typing import Mapping
 
 import jax
+from jax import monitoring
 import numpy as np
 
 
@@ -80,44 +81,90 @@ def earlier_results(path: str, config, ignore, same) -> dict | None:
   return None
 
 
+def read_jsonl(path: str, log=print) -> list[dict]:
+  """The rows of a metrics.jsonl file.
+
+  A torn last line, what kill -9 or a full disk leaves in the middle of an
+  append, is skipped with one log line: every row before it is whole. A
+  malformed line before the last cannot come from an interrupted append, so
+  it raises ValueError naming the file and line.
+  """
+  # A torn multi-byte character must read as a malformed line, not raise.
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = f.readlines()
+  last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+  rows = []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict):
+      rows.append(row)
+    elif lineno == last:
+      log(f'{path}:{lineno}: skipped a torn last line (an append cut short '
+          'by a kill or a full disk); the rows before it are whole')
+    else:
+      raise ValueError(
+          f'{path}:{lineno}: not a JSON object ({line.strip()[:40]!r}) and '
+          'not the last line, so not a torn append; fix: move the file aside')
+  return rows
+
+
 class MetricWriter:
   """Appends one JSON object per step to `<workdir>/metrics.jsonl` and writes
   the same scalars as TensorBoard events under `<workdir>/tensorboard`.
 
   Only process 0 writes. Lines are flushed immediately so a crash loses
-  nothing already logged.
+  nothing already logged. A row with the step and keys of an earlier one
+  (a cycle recomputed after a resume) replaces it rather than repeating it.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, log=print):
     self._active = jax.process_index() == 0
     if not self._active:
       return
     os.makedirs(workdir, exist_ok=True)
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
-    self._drop_rows_after(resume_step)
-    self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
+    rows = (read_jsonl(self.jsonl_path, log)
+            if os.path.exists(self.jsonl_path) else [])
+    # A resumed run redoes the steps after its checkpoint: drop their rows.
+    # Keyed by step and keys, in file order, so a recomputed row finds the
+    # one it replaces without a scan.
+    self._rows = {_row_key(r): r for r in rows if r['step'] <= resume_step}
+    self._jsonl = None
+    # Rewritten even when nothing was dropped: an append after a torn last
+    # line would glue the new row onto it.
+    self._rewrite()
     from tensorboardX import SummaryWriter  # heavy import, only when writing
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
-  def _drop_rows_after(self, step: int) -> None:
-    """A resumed run redoes the steps after its checkpoint: drop their rows."""
-    if not os.path.exists(self.jsonl_path):
-      return
-    with open(self.jsonl_path, encoding='utf-8') as f:
-      kept = [line for line in f
-              if line.strip() and json.loads(line)['step'] <= step]
+  def _rewrite(self) -> None:
+    """Writes the kept rows whole (a crash leaves the previous file) and
+    reopens the file for appending: the old handle points at the old file."""
+    if self._jsonl is not None:
+      self._jsonl.close()
     tmp = self.jsonl_path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
-      f.writelines(kept)
+      f.writelines(json.dumps(r) + '\n' for r in self._rows.values())
     os.replace(tmp, self.jsonl_path)
+    self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
       return
     row = {'step': int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
+    key = _row_key(row)
+    replaces = key in self._rows
+    self._rows[key] = row  # a replaced row keeps its place
+    if replaces:
+      self._rewrite()
+    else:
+      self._jsonl.write(json.dumps(row) + '\n')
+      self._jsonl.flush()
     for k, v in row.items():
       if k != 'step':
         self._tb.add_scalar(k, v, int(step))
@@ -127,6 +174,11 @@ class MetricWriter:
     if self._active:
       self._jsonl.close()
       self._tb.close()
+
+
+def _row_key(row: dict) -> tuple:
+  """What makes two rows the same measurement: the step and which scalars."""
+  return row['step'], frozenset(row)
 
 
 def check_finite(step: int, scalars: Mapping[str, float]) -> None:
@@ -144,7 +196,7 @@ class Progress:
   """Logs `step i/n (x%), steps/s, ETA, <metrics>` lines at an interval."""
 
   def __init__(self, total_steps: int, first_step: int = 0,
-               every_seconds: float = 5.0, what: str = 'step'):
+               every_seconds: float = 30.0, what: str = 'step'):
     self._total = total_steps
     self._what = what
     self._every = every_seconds
@@ -162,15 +214,34 @@ class Progress:
     eta = (self._total - step) / rate if rate > 0 else float('inf')
     parts = [f'{self._what} {step}/{self._total} '
              f'({100.0 * step / max(self._total, 1):.0f}%)',
-             f'{rate:.2f} {self._what}s/s', f'ETA {_fmt_seconds(eta)}']
+             f'{rate:.2f} {self._what}s/s', f'ETA {format_seconds(eta)}']
     parts += [f'{k}={float(np.asarray(v)):.4g}' for k, v in (scalars or {}).items()]
     line = ' | '.join(parts)
     print(line, flush=True)
     return line
 
 
-def _fmt_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+  """`1h02m03s`; '?' if not finite."""
   if not math.isfinite(seconds):
     return '?'
   seconds = int(seconds)
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
+
+
+_compiling = [0.0]
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+  if event.startswith('/jax/core/compile/'):
+    _compiling[0] += seconds
+
+
+monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent tracing, lowering and compiling JAX
+  programs so far: the part of a wall time that a second run of the same
+  shapes would not pay."""
+  return _compiling[0]

@@ -10,9 +10,13 @@ accuracy-matrix heatmap and one forgetting-curve plot per method, and one
 bar chart comparing the methods' final ACC over everything (else over the
 sessions) and forgetting (else BWT).
 
+Every accuracy and score is in percent, and cycles and sessions are counted
+from 1 as the run's log counts them. plots/ holds only the plots this report shows.
+
 Older results.json files, without the headline keys final_acc_all,
-final_base_acc and forgetting, still render: what the accuracy matrices
-give is computed here, the rest is shown as a dash.
+final_base_acc and forgetting, or without 'complete', 'finished' and
+compile_seconds, still render: what the accuracy matrices give is computed
+here, the rest is shown as a dash.
 
 `plot_dreaming(results, path)` draws the dreaming study's results.json
 (sleep_jax.dreaming_study): rewarded dreams per ReST-EM round, and recall of
@@ -86,7 +90,8 @@ def write_report(results: dict, workdir: str) -> list[str]:
   """Writes <workdir>/report.md and <workdir>/plots/*.png; returns the
   paths written."""
   methods = results.get('methods') or {}
-  os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
+  plots_dir = os.path.join(workdir, 'plots')
+  os.makedirs(plots_dir, exist_ok=True)
   plots = {}  # method name -> (heatmap, forgetting curves), relative to workdir
   for name, method in methods.items():
     stem = re.sub(r'[^A-Za-z0-9_.-]', '_', name)
@@ -104,6 +109,12 @@ def write_report(results: dict, workdir: str) -> list[str]:
     f.write(_report_markdown(results, plots, comparison))
   written = ['report.md'] + [p for pair in plots.values() for p in pair]
   written += [comparison] if comparison else []
+  # Plots of methods this results.json no longer holds would read as part
+  # of this report.
+  shown = {os.path.basename(p) for p in written if p.startswith('plots/')}
+  for name in os.listdir(plots_dir):
+    if name.endswith('.png') and name not in shown:
+      os.remove(os.path.join(plots_dir, name))
   return [os.path.join(workdir, p) for p in written]
 
 
@@ -130,6 +141,14 @@ def _matrix_array(acc_matrix) -> np.ndarray:
   return np.array([[np.nan if a is None else float(a) for a in row] +
                    [np.nan] * (width - len(row)) for row in acc_matrix],
                   dtype=float).reshape(len(acc_matrix), width)
+
+
+def _seconds(value) -> str:
+  return _DASH if value is None else f'{round(value):d}'
+
+
+def _seed_list(seeds) -> str:
+  return ', '.join(str(s) for s in seeds) or 'none'
 
 
 def _sample_std(values) -> float:
@@ -175,37 +194,50 @@ def _report_markdown(results: dict, plots: dict, comparison) -> str:
   methods = results.get('methods') or {}
   seeds = results.get('seeds') or []
   sessions = len(next(iter(methods.values()))['acc_matrix']) if methods else 0
-  lines = ['# Continual-learning report', '',
-           f'Seeds: {", ".join(str(s) for s in seeds) or "none"}; '
-           f'{sessions} session(s). Accuracies are closed-book recall on the '
-           'people of each session, averaged over seeds.', '']
+  lines = ['# Continual-learning report', '']
+  if (results.get('config') or {}).get('smoke'):
+    lines += ['**Smoke configuration: these numbers come from a tiny model '
+              'and world that only check the code runs end to end; they mean '
+              'nothing about the method.**', '']
+  if results.get('finished') is False:
+    lines += [_incomplete_text(results.get('complete')), '']
+  lines += [f'Seeds: {_seed_list(seeds)}; {sessions} session(s). Accuracies '
+            'are closed-book recall on the people of each session, averaged '
+            'over seeds.', '']
 
   rows = []
   for name, method in methods.items():
-    params, seconds = method.get('params'), method.get('seconds')
-    paper = PAPER_SQUAD_CPT.get(name)
+    params, paper = method.get('params'), PAPER_SQUAD_CPT.get(name)
+    seconds, compile_s = method.get('seconds'), method.get('compile_seconds')
+    run_s = (seconds if seconds is None or compile_s is None
+             else seconds - compile_s)
     rows.append([method_label(name)] +
                 [_score_text(_score(method, key), signed=key == 'bwt')
                  for key in _SCORES] +
                 [_DASH if params is None else f'{int(params):,}',
-                 _DASH if seconds is None else f'{round(seconds):d}',
+                 _seconds(run_s), _seconds(compile_s),
                  _DASH if paper is None else f'{paper:.1f} (SQuAD CPT)'])
   lines += _markdown_table(['Method', 'Final ACC all (base + sessions)',
                             'Base recall', 'Final ACC (sessions)', 'BWT',
-                            'Forgetting', 'Params', 'Seconds',
+                            'Forgetting', 'Params', 'Run s', 'Compile s',
                             'Paper reference'], rows)
-  lines += ['', 'Scores are mean ± sample std over seeds, in points, after '
-            'the last cycle (T cycles, acc[i][j] = recall on session j after '
-            'cycle i). *Final ACC all*: recall over all knowledge, the base '
-            'population and every session pooled, weighted by items (total '
-            'correct / total items). *Base recall*: recall on the base '
-            'population. *Final ACC (sessions)*: unweighted mean of '
-            'acc[T-1][j] over the sessions. *BWT*: mean over j < T-1 of '
-            'acc[T-1][j] - acc[j][j] (Lopez-Paz & Ranzato 2017; negative = '
-            'forgetting). *Forgetting*: mean over j < T-1 of max over i in '
-            '[j, T-2] of acc[i][j], minus acc[T-1][j] (Chaudhry et al. 2018; '
-            'positive = forgetting). *Params*: active parameters after the '
-            'last cycle. *Seconds*: wall time summed over seeds. '
+  lines += ['', 'Every accuracy and score in this report is in percent: '
+            'accuracies in %, BWT and forgetting in percentage points (BWT '
+            'signed). Scores are mean ± sample std over seeds after the last '
+            'cycle. Cycles and sessions are counted from 1, as the log counts '
+            'them: T cycles, cycle i learns session i, and acc[i][j] = recall '
+            'on session j after cycle i. *Final ACC all*: recall over all '
+            'knowledge, the base population and every session pooled, '
+            'weighted by items (total correct / total items). *Base recall*: '
+            'recall on the base population. *Final ACC (sessions)*: '
+            'unweighted mean of acc[T][j] over the sessions. *BWT*: mean over '
+            'j < T of acc[T][j] - acc[j][j] (Lopez-Paz & Ranzato 2017; '
+            'negative = forgetting). *Forgetting*: mean over j < T of max '
+            'over i in [j, T-1] of acc[i][j], minus acc[T][j] (Chaudhry et '
+            'al. 2018; positive = forgetting). *Params*: active parameters '
+            'after the last cycle. *Run s*: wall time summed over seeds, '
+            'without compilation; *Compile s*: time spent compiling, summed '
+            f'over seeds ({_DASH}: not recorded, and Run s includes it). '
             f'{_DASH}: not in this results.json.',
             '', "The paper's numbers (arXiv 2606.03979, no-context accuracy "
             'after continued pretraining on 200 SQuAD passages) are at paper '
@@ -225,24 +257,45 @@ def _report_markdown(results: dict, plots: dict, comparison) -> str:
 
   tuning = results.get('tuning')
   if isinstance(tuning, dict) and tuning:
-    lines += ['## Learning-rate sweep (final ACC %)', '']
+    lines += ['## Learning-rate sweep (final ACC)', '']
     lines += _tuning_table(tuning) + ['']
 
   for name, method in methods.items():
     matrix = _matrix_array(method['acc_matrix'])
-    header = [''] + [f'session {j}' for j in range(matrix.shape[1])]
+    header = [''] + [f'session {j}' for j in range(1, matrix.shape[1] + 1)]
     rows = [[f'after cycle {i}'] + [_percent(a) for a in row]
-            for i, row in enumerate(matrix)]
+            for i, row in enumerate(matrix, 1)]
     heatmap, forgetting = plots[name]
-    lines += [f'## {method_label(name)}', ''] + _markdown_table(header, rows)
+    lines += [f'## {method_label(name)}', '']
+    own = [run.get('seed') for run in method.get('per_seed') or []]
+    if own and own != list(seeds):
+      lines += [f'Seeds of this method: {_seed_list(own)} (the run: '
+                f'{_seed_list(seeds)}).', '']
+    lines += _markdown_table(header, rows)
     lines += ['', f'![accuracy matrix]({heatmap})',
               f'![forgetting curves]({forgetting})', '']
     stages = _stage_table(method)
     if stages:
       lines += ['Recall of the current session and of the base population '
-                'after each stage of a cycle (mean over seeds, %):', '']
+                'after each stage of a cycle (mean over seeds):', '']
       lines += stages + ['']
   return '\n'.join(lines)
+
+
+def _incomplete_text(complete) -> str:
+  """The warning of a results.json written before the job finished, naming
+  the (method, seed) runs whose every cycle did."""
+  if complete is None:
+    done = 'not recorded'
+  else:
+    seeds = {}  # method -> its complete seeds, in the order listed
+    for name, seed in complete:
+      seeds.setdefault(name, []).append(seed)
+    done = '; '.join(f'{method_label(n)} (seed{"s" if len(s) > 1 else ""} '
+                     f'{_seed_list(s)})' for n, s in seeds.items()) or 'none'
+  return ('**Incomplete run**: results.json was written before the job '
+          'finished (it is still running, or was interrupted), so methods '
+          f'and seeds may be missing. Complete (method, seed) runs: {done}.')
 
 
 def _stage_table(method: dict) -> list[str]:
@@ -269,7 +322,7 @@ def _stage_table(method: dict) -> list[str]:
   rows = [[str(i)] + [_percent(np.mean(cycle[stage][part]))
                       if cycle.get(stage, {}).get(part) else ''
                       for stage in stages for part in ('session', 'base')]
-          for i, cycle in enumerate(values)]
+          for i, cycle in enumerate(values, 1)]
   return _markdown_table(header, rows)
 
 
@@ -289,23 +342,24 @@ def _tuning_table(tuning: dict) -> list[str]:
 
 
 def _plot_acc_matrix(matrix: np.ndarray, title: str, path: str) -> None:
+  matrix = 100 * matrix
   rows, cols = matrix.shape
   fig, ax = plt.subplots(figsize=(max(4.5, 1.0 * cols + 2.5),
                                   max(3.5, 0.8 * rows + 1.8)))
   cmap = plt.get_cmap('viridis').with_extremes(bad='lightgrey')
   image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0,
-                    vmax=1.0, aspect='auto')
+                    vmax=100.0, aspect='auto')
   for i in range(rows):
     for j in range(cols):
       if not np.isnan(matrix[i, j]):
-        ax.text(j, i, f'{100 * matrix[i, j]:.1f}', ha='center', va='center',
-                fontsize=10, color='black' if matrix[i, j] > 0.6 else 'white')
-  ax.set_xticks(range(cols))
-  ax.set_yticks(range(rows))
+        ax.text(j, i, f'{matrix[i, j]:.1f}', ha='center', va='center',
+                fontsize=10, color='black' if matrix[i, j] > 60 else 'white')
+  ax.set_xticks(range(cols), [str(j) for j in range(1, cols + 1)])
+  ax.set_yticks(range(rows), [str(i) for i in range(1, rows + 1)])
   ax.set_xlabel('session j')
   ax.set_ylabel('after cycle i')
   ax.set_title(title)
-  fig.colorbar(image, ax=ax, label='accuracy')
+  fig.colorbar(image, ax=ax, label='recall (%)')
   fig.tight_layout()
   fig.savefig(path, dpi=_DPI)
   plt.close(fig)
@@ -313,14 +367,15 @@ def _plot_acc_matrix(matrix: np.ndarray, title: str, path: str) -> None:
 
 def _plot_forgetting(acc_matrix, title: str, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
-  for j, curve in enumerate(cl_eval.forgetting_curves(acc_matrix)):
-    values = [np.nan if a is None else float(a) for a in curve]
+  # Session j is first measured after cycle j, the cycle that learns it.
+  for j, curve in enumerate(cl_eval.forgetting_curves(acc_matrix), 1):
+    values = [np.nan if a is None else 100 * float(a) for a in curve]
     ax.plot(range(j, j + len(values)), values, marker='o',
             label=f'session {j}')
-  ax.set_xticks(range(len(acc_matrix)))
-  ax.set_ylim(0.0, 1.0)
+  ax.set_xticks(range(1, len(acc_matrix) + 1))
+  ax.set_ylim(0.0, 100.0)
   ax.set_xlabel('after cycle i')
-  ax.set_ylabel('accuracy on session j')
+  ax.set_ylabel('recall on session j (%)')
   ax.set_title(f'{title}: forgetting curves')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=9)
@@ -348,21 +403,23 @@ def _plot_methods(methods: dict, chance, path: str) -> None:
   names = list(methods)
   acc_key, acc = _plot_scores(methods, 'final_acc_all', 'final_acc')
   drop_key, drop = _plot_scores(methods, 'forgetting', 'bwt')
+  acc, drop = 100 * acc, 100 * drop
   labels = [method_label(n) for n in names]
   x = np.arange(len(names))
   fig, (acc_ax, bwt_ax) = plt.subplots(
       1, 2, figsize=(max(8.0, 1.6 * len(names) + 3.0), 5.0))
   acc_ax.bar(x, acc[:, 0], yerr=acc[:, 1], capsize=4, color='tab:blue')
   if chance is not None:
-    acc_ax.axhline(chance, color='grey', linestyle='--', label='chance')
+    acc_ax.axhline(100 * chance, color='grey', linestyle='--',
+                   label='chance')
     acc_ax.legend(fontsize=9)
-  acc_ax.set_ylim(0.0, 1.0)
-  acc_ax.set_ylabel(_PLOT_NAMES[acc_key])
+  acc_ax.set_ylim(0.0, 100.0)
+  acc_ax.set_ylabel(f'{_PLOT_NAMES[acc_key]} (%)')
   acc_ax.set_title(f'{_PLOT_NAMES[acc_key]}\n'
                    '(mean ± std over seeds)')
   bwt_ax.bar(x, drop[:, 0], yerr=drop[:, 1], capsize=4, color='tab:red')
   bwt_ax.axhline(0.0, color='black', linewidth=0.8)
-  bwt_ax.set_ylabel(_PLOT_NAMES[drop_key])
+  bwt_ax.set_ylabel(f'{_PLOT_NAMES[drop_key]} (percentage points)')
   bwt_ax.set_title(f'{_PLOT_NAMES[drop_key]}\n'
                    '(mean ± std over seeds)')
   for ax in (acc_ax, bwt_ax):

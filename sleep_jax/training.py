@@ -13,6 +13,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sleep_jax import sharding as sharding_lib
@@ -42,6 +43,36 @@ def next_token_loss(logits_BxLxV, targets_BxL, mask_BxL):
   xent = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   tokens = jnp.sum(mask)
   return jnp.sum(xent * mask) / jnp.maximum(tokens, 1.0), tokens
+
+
+class DivergenceError(FloatingPointError):
+  """Training that diverged; the message names the rate to lower."""
+
+
+def divergence(losses, vocab_size: int, patience: int) -> str | None:
+  """Why per-step training `losses` show divergence, or None.
+
+  Not finite anywhere; or, after some step was below the loss of a uniform
+  prediction (ln V), `patience` steps in a row at or above it: a model that
+  was learning and now outputs noise (a learning rate far too large) without
+  ever reaching NaN.
+  """
+  losses = np.asarray(losses, np.float64).reshape(-1)
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    return f'the loss is {losses[bad[0]]} at step {bad[0] + 1}'
+  uniform = float(np.log(vocab_size))
+  below = np.flatnonzero(losses < uniform)
+  if not below.size or patience < 1:
+    return None
+  run = 0
+  for i in range(below[0] + 1, len(losses)):
+    run = run + 1 if losses[i] >= uniform else 0
+    if run >= patience:
+      return (f'the loss stayed at or above ln V = {uniform:.2f} (a uniform '
+              f'prediction) for {patience} steps, up to step {i + 1} '
+              f'(loss {losses[i]:.4g})')
+  return None
 
 
 def decay_mask(params):

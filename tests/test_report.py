@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import matplotlib.figure
 import numpy as np
+import pytest
 from PIL import Image
 
 from sleep_jax import report
@@ -96,9 +98,12 @@ def test_report_three_sessions_two_seeds(tmp_path):
   assert '12.3' in text  # base accuracy
   assert 'Chance accuracy: 5.0%' in text
   assert 'lr 3e-4' in text and '81.0' in text
-  # The mean matrix of sleep: after cycle 2, session 0 = mean(0.70, 0.66).
-  assert '| after cycle 2 | 68.0 | 73.0 | 86.0 |' in text
-  assert '| after cycle 0 | 88.0 |  |  |' in text
+  # The mean matrix of sleep, counted from 1: after cycle 3, session 1 =
+  # mean(0.70, 0.66).
+  assert '|  | session 1 | session 2 | session 3 |' in text
+  assert '| after cycle 3 | 68.0 | 73.0 | 86.0 |' in text
+  assert '| after cycle 1 | 88.0 |  |  |' in text
+  assert 'cycle 0' not in text and 'session 0' not in text
   _check_pngs(tmp_path, _PER_SEED)
 
 
@@ -124,8 +129,8 @@ def test_report_without_optional_fields(tmp_path):
 
 
 _HEADER = ('| Method | Final ACC all (base + sessions) | Base recall | '
-           'Final ACC (sessions) | BWT | Forgetting | Params | Seconds | '
-           'Paper reference |')
+           'Final ACC (sessions) | BWT | Forgetting | Params | Run s | '
+           'Compile s | Paper reference |')
 
 
 def test_report_headline_columns(tmp_path):
@@ -150,14 +155,14 @@ def test_report_headline_columns(tmp_path):
   # final ACC and BWT from results: sleep (75.67, -15.0), finetune (48.0,
   # -61.5), replay_all = my_new_method's (45.17, -8.5), stds with ddof=0.
   assert ('| Sleep | 81.2 ± 1.5 | 90.0 ± 0.5 | 75.7 ± 2.0 | -15.0 ± 0.0 | '
-          '15.0 ± 0.0 | 1,234,567 | 42 | 44.3 (SQuAD CPT) |') in lines
+          '15.0 ± 0.0 | 1,234,567 | 42 | — | 44.3 (SQuAD CPT) |') in lines
   assert ('| Continual fine-tuning | 30.0 ± 2.0 | 12.5 ± 7.5 | 48.0 ± 0.7 | '
-          '-61.5 ± 2.0 | 61.5 ± 2.8 | 1,234,567 | 42 | 32.0 (SQuAD CPT) |'
+          '-61.5 ± 2.0 | 61.5 ± 2.8 | 1,234,567 | 42 | — | 32.0 (SQuAD CPT) |'
           ) in lines
   # -0.4 points of forgetting: printed unsigned, not as +/-0.0.
   assert ('| Fine-tuning + replay of everything (oracle buffer) | '
           '100.0 ± 0.0 | 100.0 ± 0.0 | 45.2 ± 0.5 | -8.5 ± 0.5 | -0.4 ± 0.1 | '
-          '1,234,567 | 42 | — |') in lines
+          '1,234,567 | 42 | — | — |') in lines
   text = '\n'.join(lines)
   assert '*Final ACC all*' in text and 'weighted by items' in text
   assert 'Chaudhry et al. 2018' in text
@@ -191,7 +196,7 @@ def test_report_old_results_without_new_keys(tmp_path):
   # seed 1 (max(0.6, 0.7) - 0.5 + 0.8 - 0.7) / 2 = 0.15: mean 0.225, std
   # ddof=1 0.15 / sqrt(2) = 0.106. Final ACC all needs item counts: a dash.
   assert ('| Fine-tuning + replay | — | 75.0 ± 7.1 | 65.0 ± 5.0 | '
-          '-7.5 ± 2.5 | 22.5 ± 10.6 | 1,234,567 | 42 | — |') in lines
+          '-7.5 ± 2.5 | 22.5 ± 10.6 | 1,234,567 | 42 | — | — |') in lines
   assert report._plot_scores(results['methods'], 'final_acc_all',
                              'final_acc')[0] == 'final_acc'
   _check_pngs(tmp_path, ['replay'])
@@ -204,7 +209,7 @@ def test_report_matrix_only_shows_dashes(tmp_path):
   lines = (tmp_path / 'report.md').read_text().splitlines()
   # ACC (0.3 + 0.7) / 2 = 0.5, BWT 0.3 - 0.5 = -0.2, forgetting 0.5 - 0.3.
   assert ('| Continual fine-tuning + anchor (LwF-style) | — | — | '
-          '50.0 ± 0.0 | -20.0 ± 0.0 | 20.0 ± 0.0 | — | — | — |') in lines
+          '50.0 ± 0.0 | -20.0 ± 0.0 | 20.0 ± 0.0 | — | — | — | — |') in lines
   assert 'after each stage' not in '\n'.join(lines)
 
 
@@ -238,13 +243,168 @@ def test_report_stage_table(tmp_path):
   assert text.count('after each stage') == 1
   assert ('| Cycle | wake session | wake base | consolidation session | '
           'consolidation base | dreaming session | dreaming base |') in lines
-  # Cycle 0: wake (0.95 + 0.85) / 2 = 0.90, (0.60 + 0.50) / 2 = 0.55;
+  # Cycle 1: wake (0.95 + 0.85) / 2 = 0.90, (0.60 + 0.50) / 2 = 0.55;
   # consolidation 0.85, 0.65; dreaming (0.92 + 0.84) / 2 = 0.88, 0.67.
-  assert '| 0 | 90.0 | 55.0 | 85.0 | 65.0 | 88.0 | 67.0 |' in lines
-  # Cycle 1: dreaming from seed 0 alone.
-  assert '| 1 | 95.0 | 45.0 | 81.0 | 65.0 | 85.0 | 68.0 |' in lines
-  # Cycle 2: no seed dreamt.
-  assert '| 2 | 95.0 | 35.0 | 85.0 | 62.0 |  |  |' in lines
+  assert '| 1 | 90.0 | 55.0 | 85.0 | 65.0 | 88.0 | 67.0 |' in lines
+  # Cycle 2: dreaming from seed 0 alone.
+  assert '| 2 | 95.0 | 45.0 | 81.0 | 65.0 | 85.0 | 68.0 |' in lines
+  # Cycle 3: no seed dreamt.
+  assert '| 3 | 95.0 | 35.0 | 85.0 | 62.0 |  |  |' in lines
   # The table follows Sleep's accuracy matrix, before fine-tuning's.
   assert (text.index('## Sleep') < text.index('| Cycle |')
           < text.index('## Continual fine-tuning'))
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+  """What each plot shows, by file name: per axes its tick labels, limits,
+  lines, bars and images, read as the figure is saved."""
+  figures = {}
+  savefig = matplotlib.figure.Figure.savefig
+
+  def spy(fig, path, **kwargs):
+    fig.canvas.draw()  # lays out the tick labels
+    figures[os.path.basename(path)] = [{
+        'xticklabels': [t.get_text() for t in ax.get_xticklabels()],
+        'yticklabels': [t.get_text() for t in ax.get_yticklabels()],
+        'ylim': ax.get_ylim(), 'ylabel': ax.get_ylabel(),
+        'lines': [(list(line.get_xdata()), list(line.get_ydata()),
+                   line.get_label()) for line in ax.get_lines()],
+        'bars': [patch.get_height() for patch in ax.patches],
+        'clims': [image.get_clim() for image in ax.get_images()],
+        'images': [np.ma.filled(image.get_array(), np.nan)
+                   for image in ax.get_images()],
+    } for ax in fig.axes]
+    return savefig(fig, path, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', spy)
+  return figures
+
+
+def test_report_every_number_in_percent(tmp_path, saved_figures):
+  results = _results(
+      {'sleep': _PER_SEED['sleep']}, [0, 1], base={'acc': 0.123},
+      chance=0.05, tuning={'sleep': {'1e-4': 0.81}})
+  report.write_report(results, str(tmp_path))
+  text = (tmp_path / 'report.md').read_text()
+  # The unit is stated once, in the caption, not per table or heading.
+  assert text.count('Every accuracy and score in this report is in percent'
+                    ) == 1
+  assert 'percentage points' in text and 'in points' not in text
+  assert not [line for line in text.splitlines()
+              if '%' in line and (line.startswith(('|', '#')))]
+  assert 'Base model accuracy on the base population: 12.3%' in text
+  assert 'Chance accuracy: 5.0%.' in text
+  assert '| Learning-rate sweep' not in text and '| Sleep | 81.0 |' in text
+  # The plots too: sleep's mean matrix after cycle 3, session 1 is 68.0.
+  heatmap = saved_figures['acc_matrix_sleep.png'][0]
+  assert heatmap['clims'] == [(0.0, 100.0)]
+  np.testing.assert_allclose(heatmap['images'][0][2], [68.0, 73.0, 86.0])
+  curves = saved_figures['forgetting_sleep.png'][0]
+  assert curves['ylim'] == (0.0, 100.0)
+  np.testing.assert_allclose(curves['lines'][0][1], [88.0, 79.0, 68.0])
+  acc, drop = saved_figures['methods.png'][:2]
+  assert acc['ylim'] == (0.0, 100.0)
+  # Final ACC of sleep (75.67), chance at 5%; forgetting 15.0 points.
+  np.testing.assert_allclose(acc['bars'], [100 * np.mean(
+      [_scores(m)[0] for m in _PER_SEED['sleep']])])
+  assert [line[1] for line in acc['lines'] if line[2] == 'chance'] == [
+      [5.0, 5.0]]
+  np.testing.assert_allclose(drop['bars'], [15.0])
+
+
+def test_report_counts_cycles_from_one(tmp_path, saved_figures):
+  results = _results({'sleep': _PER_SEED['sleep']}, [0, 1])
+  report.write_report(results, str(tmp_path))
+  text = (tmp_path / 'report.md').read_text()
+  assert 'acc[i][j] = recall on session j after cycle i' in text
+  assert 'mean over j < T of acc[T][j] - acc[j][j]' in text
+  assert 'max over i in [j, T-1] of acc[i][j], minus acc[T][j]' in text
+  assert 'acc[T-1]' not in text and 'T-2' not in text
+  heatmap = saved_figures['acc_matrix_sleep.png'][0]
+  assert heatmap['xticklabels'] == ['1', '2', '3']
+  assert heatmap['yticklabels'] == ['1', '2', '3']
+  curves = saved_figures['forgetting_sleep.png'][0]
+  # Session j is learnt by cycle j: its curve starts there.
+  assert [(x, label) for x, _, label in curves['lines']] == [
+      ([1, 2, 3], 'session 1'), ([2, 3], 'session 2'), ([3], 'session 3')]
+  assert curves['xticklabels'] == ['1', '2', '3']
+
+
+def test_report_removes_stale_plots(tmp_path):
+  report.write_report(_results(_PER_SEED, [0, 1]), str(tmp_path))
+  notes = tmp_path / 'plots' / 'notes.txt'
+  notes.write_text('not a plot')
+  written = report.write_report(
+      _results({'sleep': _PER_SEED['sleep']}, [0, 1]), str(tmp_path))
+  # Only what this report shows; a file not a plot is left alone.
+  assert notes.exists()
+  notes.unlink()
+  _check_pngs(tmp_path, ['sleep'])
+  assert sorted(os.path.join(tmp_path, 'plots', p)
+                for p in os.listdir(tmp_path / 'plots')) == sorted(
+                    p for p in written if p.endswith('.png'))
+  report.write_report({'methods': {}}, str(tmp_path))
+  assert os.listdir(tmp_path / 'plots') == []
+
+
+def test_report_marks_smoke_runs(tmp_path):
+  results = _results({'sleep': _PER_SEED['sleep']}, [0, 1])
+  results['config']['smoke'] = True
+  report.write_report(results, str(tmp_path))
+  lines = (tmp_path / 'report.md').read_text().splitlines()
+  assert lines[0] == '# Continual-learning report' and lines[1] == ''
+  assert lines[2].startswith('**Smoke configuration') and lines[2].endswith(
+      '**'), lines[2]
+  assert 'end to end' in lines[2] and 'nothing about the method' in lines[2]
+  results['config']['smoke'] = False
+  report.write_report(results, str(tmp_path))
+  assert 'Smoke' not in (tmp_path / 'report.md').read_text()
+
+
+def test_report_incomplete_run(tmp_path):
+  per_seed = {'sleep': _PER_SEED['sleep'], 'finetune': _PER_SEED['finetune']}
+  results = _results(per_seed, [0, 1], finished=False,
+                     complete=[['sleep', 0], ['sleep', 1], ['finetune', 0]])
+  # Fine-tuning's seed 1 was cut short: its entry holds seed 0 alone.
+  results['methods']['finetune'] = _results(
+      {'finetune': per_seed['finetune'][:1]}, [0])['methods']['finetune']
+  report.write_report(results, str(tmp_path))
+  text = (tmp_path / 'report.md').read_text()
+  lines = text.splitlines()
+  assert lines[2].startswith('**Incomplete run**'), lines[2]
+  assert lines[2].endswith('Complete (method, seed) runs: Sleep (seeds 0, 1); '
+                           'Continual fine-tuning (seed 0).'), lines[2]
+  assert lines[4].startswith('Seeds: 0, 1;')
+  # The method with fewer seeds says which, in its own section only.
+  own = 'Seeds of this method: 0 (the run: 0, 1).'
+  assert text.count(own) == 1
+  assert (text.index('## Continual fine-tuning') < text.index(own)
+          < text.index('| after cycle 1 |', text.index('## Continual')))
+  results.update(finished=False, complete=[])
+  report.write_report(results, str(tmp_path))
+  assert 'Complete (method, seed) runs: none.' in (
+      tmp_path / 'report.md').read_text()
+  # A finished run, or a file from before these keys: no warning.
+  for finished in (True, None):
+    results['finished'] = finished
+    report.write_report(results, str(tmp_path))
+    assert 'Incomplete' not in (tmp_path / 'report.md').read_text()
+
+
+def test_report_compile_time_apart(tmp_path):
+  results = _results({'sleep': _PER_SEED['sleep'],
+                      'finetune': _PER_SEED['finetune']}, [0, 1])
+  results['methods']['sleep'].update(seconds=100.4, compile_seconds=30.2)
+  report.write_report(results, str(tmp_path))
+  text = (tmp_path / 'report.md').read_text()
+  lines = text.splitlines()
+  assert _HEADER in lines
+  sleep = next(line for line in lines if line.startswith('| Sleep |'))
+  assert sleep.endswith('| 1,234,567 | 70 | 30 | 44.3 (SQuAD CPT) |'), sleep
+  # No compile time recorded: all the wall time under Run s, as before.
+  finetune = next(line for line in lines
+                  if line.startswith('| Continual fine-tuning |'))
+  assert finetune.endswith('| 1,234,567 | 42 | — | 32.0 (SQuAD CPT) |')
+  assert '*Run s*: wall time summed over seeds, without compilation' in text
+  assert '*Compile s*' in text

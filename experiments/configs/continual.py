@@ -128,6 +128,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.capacity = ml_collections.ConfigDict(dict(
       people=16, scaled=('wake.steps', 'sleep.num_steps', 'sleep.experts',
                        'dreaming.rehearse_steps')))
+  # A wake loss at or above that of a uniform prediction (ln V) for this
+  # many steps in a row, after it was below, stops the run as diverged.
+  config.divergence_steps = 10
+  # True only in `smoke`: the report says its numbers mean nothing.
+  config.smoke = False
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = ml_collections.ConfigDict(dict(
       rules=[list(rule) for rule in DEFAULT_RULES]))
@@ -150,6 +155,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == 'smoke':
       # The default's four methods on a tiny model; CI runs all fourteen
       # (tests/test_continual.py adds --config.methods).
+      config.smoke = True
       config.seeds = (0, 1)
       config.sessions = 2
       # Small, but it learns: after wake, Sleep's fast expert and

@@ -13,8 +13,8 @@ model. bfloat16 files load through ml_dtypes (imported by JAX).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import glob
 import json
 import os
@@ -41,31 +41,101 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be loaded; the message names file and tensor."""
 
 
+REDOWNLOAD = 'the file is probably truncated or corrupt: download it again'
+
+
+@contextlib.contextmanager
+def as_checkpoint_error(path: str, what: str, fix: str = REDOWNLOAD):
+  """Re-raises a reader's error inside the block as a one-line CheckpointError.
+
+  Users see which file is broken and what to do, instead of a library's
+  traceback that names neither. Any Exception: on a malformed file the readers
+  raise anything from IndexError to tokenizers' bare Exception; the original
+  stays chained for debugging.
+  """
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    detail = ' '.join(str(e).split())
+    raise CheckpointError(
+        f'{path}: {what} ({type(e).__name__}: {detail}); {fix}.') from e
+
+
 # --- config.json -> TransformerConfig ---------------------------------------
 
+_REQUIRED = object()
+# `type(v) is int`: bool is an int subclass, but `true` is no layer count.
+_KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    int: ('a positive integer', lambda v: type(v) is int and v > 0),
+    float: ('a positive number', lambda v: type(v) in (int, float) and v > 0),
+    bool: ('true or false', lambda v: type(v) is bool),
+    str: ('a string', lambda v: isinstance(v, str)),
+    list: ('a list of strings', lambda v: isinstance(v, list) and all(
+        isinstance(x, str) for x in v)),
+    dict: ('an object', lambda v: isinstance(v, dict)),
+}
 
-def _rope(hf: dict[str, Any], config_path: str) -> tuple[float, RopeScaling | None]:
-  params = hf.get('rope_parameters') or {}  # transformers >= 5
-  theta = params.get('rope_theta', hf.get('rope_theta', 10_000.0))
-  scaling = hf.get('rope_scaling') or (params if params else None)
-  kind = None if scaling is None else scaling.get('rope_type', scaling.get('type'))
+
+@dataclasses.dataclass(frozen=True)
+class _Fields:
+  """A JSON object of config.json whose typed reads name file and field."""
+
+  obj: dict[str, Any]
+  path: str
+  prefix: str = ''
+
+  def get(self, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    name = self.prefix + key
+    value = self.obj.get(key)
+    if value is None:  # transformers writes null for "not set"
+      if default is _REQUIRED:
+        raise CheckpointError(
+            f'{self.path}: required field {name!r} is missing or null; '
+            "restore it from the model's published config.json.")
+      return default
+    expected, ok = _KINDS[kind]
+    if not ok(value):
+      raise CheckpointError(
+          f'{self.path}: field {name!r} is {value!r:.80}, expected {expected}; '
+          "restore it from the model's published config.json.")
+    if kind is dict:
+      return _Fields(value, self.path, name + '.')
+    return float(value) if kind is float else value
+
+
+def _rope(cfg: _Fields) -> tuple[float, RopeScaling | None]:
+  params = cfg.get('rope_parameters', dict, None)  # transformers >= 5
+  theta = cfg.get('rope_theta', float, 10_000.0)
+  if params is not None:
+    theta = params.get('rope_theta', float, theta)
+  scaling = cfg.get('rope_scaling', dict, None) or params
+  kind = None if scaling is None else (scaling.get('rope_type', str, None)
+                                       or scaling.get('type', str, None))
   if kind in (None, 'default'):
-    return float(theta), None
+    return theta, None
   if kind != 'llama3':
     raise CheckpointError(
-        f'{config_path}: rope scaling type {kind!r} is not supported; '
+        f'{cfg.path}: rope scaling type {kind!r} is not supported; '
         'supported: "llama3" or none.')
-  return float(theta), RopeScaling(
-      factor=float(scaling['factor']),
-      low_freq_factor=float(scaling['low_freq_factor']),
-      high_freq_factor=float(scaling['high_freq_factor']),
-      original_max_position=int(scaling['original_max_position_embeddings']))
+  return theta, RopeScaling(
+      factor=scaling.get('factor', float),
+      low_freq_factor=scaling.get('low_freq_factor', float),
+      high_freq_factor=scaling.get('high_freq_factor', float),
+      original_max_position=scaling.get('original_max_position_embeddings',
+                                        int))
 
 
 def config_from_hf(hf: dict[str, Any], config_path: str = 'config.json'
                    ) -> TransformerConfig:
   """Maps a transformers `config.json` dict onto a TransformerConfig."""
-  archs = hf.get('architectures') or []
+  if not isinstance(hf, dict):
+    raise CheckpointError(
+        f'{config_path}: holds a JSON {type(hf).__name__}, expected an object '
+        'of transformers config fields; restore the published config.json.')
+  cfg = _Fields(hf, config_path)
+  archs = cfg.get('architectures', list, [])
   family = next((SUPPORTED_ARCHITECTURES[a] for a in archs
                  if a in SUPPORTED_ARCHITECTURES), None)
   if family is None:
@@ -73,21 +143,26 @@ def config_from_hf(hf: dict[str, Any], config_path: str = 'config.json'
         f'{config_path}: architectures={archs} (model_type='
         f'{hf.get("model_type")!r}) is not supported; supported: '
         f'{sorted(SUPPORTED_ARCHITECTURES)}.')
-  theta, scaling = _rope(hf, config_path)
-  heads = hf['num_attention_heads']
-  head_dim = hf.get('head_dim')
-  if head_dim == hf['hidden_size'] // heads:
-    head_dim = None
-  return TransformerConfig(
-      vocab_size=hf['vocab_size'], d_model=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'], num_heads=heads,
-      num_kv_heads=hf.get('num_key_value_heads') or heads,
-      d_ff=hf['intermediate_size'], head_dim=head_dim, rope_theta=theta,
-      rope_scaling=scaling, norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      qkv_bias=(family == 'qwen2') or bool(hf.get('attention_bias', False)),
-      qk_norm=(family == 'qwen3'),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', family == 'qwen2')),
-      max_len=int(hf.get('max_position_embeddings', 2048)))
+  # RopeScaling and TransformerConfig check the values themselves.
+  with as_checkpoint_error(config_path, 'describes a model that cannot be '
+                           'built', 'correct the fields it names'):
+    theta, scaling = _rope(cfg)
+    d_model = cfg.get('hidden_size', int)
+    heads = cfg.get('num_attention_heads', int)
+    head_dim = cfg.get('head_dim', int, None)
+    if head_dim == d_model // heads:
+      head_dim = None
+    return TransformerConfig(
+        vocab_size=cfg.get('vocab_size', int), d_model=d_model,
+        num_layers=cfg.get('num_hidden_layers', int), num_heads=heads,
+        num_kv_heads=cfg.get('num_key_value_heads', int, heads),
+        d_ff=cfg.get('intermediate_size', int), head_dim=head_dim,
+        rope_theta=theta, rope_scaling=scaling,
+        norm_eps=cfg.get('rms_norm_eps', float, 1e-6),
+        qkv_bias=(family == 'qwen2') or cfg.get('attention_bias', bool, False),
+        qk_norm=(family == 'qwen3'),
+        tie_embeddings=cfg.get('tie_word_embeddings', bool, family == 'qwen2'),
+        max_len=cfg.get('max_position_embeddings', int, 2048))
 
 
 # --- where each of our params comes from ---------------------------------------
@@ -176,19 +251,41 @@ def _read_block(hf_slice, kind: str, shape, index) -> np.ndarray:
 # --- files ----------------------------------------------------------------------
 
 
+def _open_safetensors(file: str):
+  with as_checkpoint_error(file, 'is not a readable safetensors file'):
+    return safe_open(file, framework='np')
+
+
+def _read_json(file: str) -> Any:
+  with as_checkpoint_error(file, 'cannot be read as JSON',
+                           'restore the published file'), open(file) as f:
+    return json.load(f)
+
+
 def _weight_map(path: str) -> dict[str, str]:
   """Tensor name -> safetensors file, from the index or by listing shards."""
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(index):
-    with open(index) as f:
-      mapping = json.load(f)['weight_map']
+    mapping = _read_json(index)
+    mapping = mapping.get('weight_map') if isinstance(mapping, dict) else None
+    if not (isinstance(mapping, dict) and
+            all(isinstance(v, str) for v in mapping.values())):
+      raise CheckpointError(
+          f"{index}: has no 'weight_map' object of tensor name -> shard file; "
+          'restore the published file.')
+    missing = sorted({v for v in mapping.values()
+                      if not os.path.isfile(os.path.join(path, v))})
+    if missing:
+      raise CheckpointError(
+          f'{index}: weight_map names shard files missing from {path}: '
+          f'{missing}; download them.')
     return {k: os.path.join(path, v) for k, v in mapping.items()}
   files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
   if not files:
     raise CheckpointError(f'{path}: no *.safetensors files found.')
   mapping = {}
   for file in files:
-    with safe_open(file, framework='np') as f:
+    with _open_safetensors(file) as f:
       for key in f.keys():
         mapping[key] = file
   return mapping
@@ -199,8 +296,7 @@ def load_hf_config(path: str) -> TransformerConfig:
   if not os.path.exists(config_path):
     raise CheckpointError(f'{config_path} not found: a Hugging Face checkpoint '
                           'directory needs config.json next to *.safetensors.')
-  with open(config_path) as f:
-    return config_from_hf(json.load(f), config_path)
+  return config_from_hf(_read_json(config_path), config_path)
 
 
 def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
@@ -233,9 +329,10 @@ def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
     if file is None:
       return None, sorted(set(os.path.basename(f) for f in weight_map.values()))
     if file not in open_files:
-      open_files[file] = safe_open(file, framework='np')
-    sl = open_files[file].get_slice(name)
-    return file, (sl, tuple(sl.get_shape()))
+      open_files[file] = _open_safetensors(file)
+    with as_checkpoint_error(file, f'cannot read tensor {name!r}'):
+      sl = open_files[file].get_slice(name)
+      return file, (sl, tuple(sl.get_shape()))
 
   try:
     params = place_params(config, lookup, where=path, mesh=mesh, rules=rules)
@@ -279,9 +376,15 @@ def place_params(config: TransformerConfig, lookup, *, where: str,
       raise CheckpointError(
           f'{file}: tensor {source.name!r} has shape {list(shape)}, expected '
           f'{list(expected)} for the config of {where}.')
-    read: Callable[[Any], np.ndarray] = functools.partial(
-        _read_block, sliceable, source.kind, leaf.shape)
-    return jax.make_array_from_callback(
-        leaf.shape, sharding, lambda idx: np.asarray(read(idx), np.float32))
+    def read(idx) -> np.ndarray:
+      # Reads are lazy: a dtype numpy lacks (float8) fails only here.
+      with as_checkpoint_error(
+          file, f'cannot read tensor {source.name!r}',
+          'convert it to float32/float16/bfloat16, or download it again if '
+          'it is corrupt'):
+        return np.asarray(_read_block(sliceable, source.kind, leaf.shape, idx),
+                          np.float32)
+
+    return jax.make_array_from_callback(leaf.shape, sharding, read)
 
   return jax.tree_util.tree_map_with_path(load_leaf, abstract, shardings)

@@ -6,7 +6,10 @@ step holds three items:
 * `state`: the train state pytree, restored straight into its shardings;
 * `data`: the grain iterator state (per process), so resuming replays
   exactly the batches an uninterrupted run would see;
-* `metadata`: JSON (config, step, code version, anything the caller adds).
+* `metadata`: JSON (config, step, code version, anything the caller adds)
+  and a checksum of every array of `state` (sleep_jax.checkpoints.integrity),
+  compared on restore: damaged bytes raise CorruptCheckpointError instead
+  of restoring wrong numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any, Mapping
 from absl import logging
 import grain
 import orbax.checkpoint as ocp
+
+from sleep_jax.checkpoints import integrity
 
 
 class Checkpointer:
@@ -30,7 +35,7 @@ class Checkpointer:
         item_names=('state', 'data', 'metadata'),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            create=True))
+            create=True, cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -41,8 +46,10 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator=None,
            metadata: Mapping[str, Any] | None = None, *, force: bool = False
            ) -> bool:
+    metadata = dict(metadata or {}, step=step)
+    metadata['checksums'] = integrity.checksums(state)
     items = {'state': ocp.args.StandardSave(state),
-             'metadata': ocp.args.JsonSave(dict(metadata or {}, step=step))}
+             'metadata': ocp.args.JsonSave(metadata)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     saved = self._manager.save(step, args=ocp.args.Composite(**items),
@@ -64,13 +71,19 @@ class Checkpointer:
 
     Returns:
       (state, metadata dict).
+
+    Raises:
+      CorruptCheckpointError: the arrays do not match their checksums.
     """
     items = {'state': ocp.args.StandardRestore(abstract_state),
              'metadata': ocp.args.JsonRestore()}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored['state'], dict(restored['metadata'])
+    metadata = dict(restored['metadata'])
+    integrity.verify(restored['state'], metadata.pop('checksums', None),
+                     os.path.join(self.directory, str(step)))
+    return restored['state'], metadata
 
   def reload(self) -> None:
     """Re-reads the steps on disk (after one was moved aside)."""

@@ -18,9 +18,13 @@ people who arrive in session t. Same `WorldConfig` -> same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
 
+from absl import logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -113,10 +117,21 @@ class FactWorld(tfds.core.GeneratorBasedBuilder):
 def build(data_dir: str, world: WorldConfig) -> str:
   """Generates the dataset under `data_dir` unless it is there; its path."""
   tfds.disable_progress_bar()  # the run's own progress lines say enough
-  builder = FactWorld(data_dir=data_dir, config=_BuilderConfig(world),
-                      file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  # TFDS announces a config it does not list (every world is one) and
+  # prints "Downloading and preparing" banners: noise for a dataset made
+  # here from a seed, unless INFO logs were asked for.
+  quiet = logging.get_verbosity() < logging.INFO
+  with contextlib.redirect_stdout(io.StringIO() if quiet else sys.stdout):
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR if quiet else level)
+    try:
+      builder = FactWorld(data_dir=data_dir, config=_BuilderConfig(world),
+                          file_format='array_record')
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    finally:
+      logging.set_verbosity(level)
   return os.fspath(builder.data_path)
 
 

@@ -1,0 +1,175 @@
+"""What every `python -m experiments.<name>` entry point shares.
+
+`run(main, config_flag)` is `absl.app.run(main)` with what a user of the
+command line needs:
+
+* errors in the config, the flags or the inputs print one line,
+  `error: <key>=<value>: <why>; <fix>`, and exit with status 2; a failed
+  run (divergence, a full disk) prints one line and exits with 1. A bug
+  still shows its traceback, and `--traceback` (or SLEEP_JAX_TRACEBACK=1)
+  shows it for every error;
+* an unknown `--config.<key>` names the closest keys of the config;
+* `--workdir` is locked against a second process for the whole run
+  (sleep_jax.workdir.lock);
+* library INFO logs (Orbax, TFDS, JAX's backend probing) are off unless
+  `--verbosity=0` (or higher) asks for them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import importlib.util
+import os
+import sys
+import traceback
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from sleep_jax import workdir as workdir_lib
+from sleep_jax.checkpoints.integrity import CorruptCheckpointError
+
+_TRACEBACK = flags.DEFINE_bool(
+    'traceback', False, 'Show the Python traceback of an error instead of '
+    'one line (also SLEEP_JAX_TRACEBACK=1).')
+
+CONFIG_HELP = ('Config file, optionally with ":variant" (see the file\'s '
+               'docstring for its variants). Any key can be overridden: '
+               '--config.<key>.<subkey>=<value>, e.g. --config.sessions=5 '
+               "--config.methods='(\"sleep\",\"finetune\")'.")
+
+# Errors in what the user gave: the config, the flags, input files.
+_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError,
+                NotADirectoryError, FileExistsError, IsADirectoryError,
+                PermissionError)
+
+
+class RunFailed(RuntimeError):
+  """A run that cannot go on (e.g. diverged): one line, exit status 1."""
+
+
+def default_config(entry_file: str, name: str) -> str:
+  """experiments/configs/<name> next to the entry point, so the default
+  works from any directory."""
+  return os.path.join(os.path.dirname(os.path.abspath(entry_file)), 'configs',
+                      name)
+
+
+def _show_traceback() -> bool:
+  return bool(os.environ.get('SLEEP_JAX_TRACEBACK')) or (
+      flags.FLAGS.is_parsed() and _TRACEBACK.value)
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  return ' '.join(text.split()) or type(e).__name__
+
+
+def _config_value(argv, flag: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{flag}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{flag}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flat_keys(tree, prefix='') -> list[str]:
+  out = []
+  for key, value in tree.items():
+    out.append(prefix + key)
+    if isinstance(value, dict):
+      out += _flat_keys(value, f'{prefix}{key}.')
+  return out
+
+
+def _unknown_override(argv, flag: str, default: str | None) -> str | None:
+  """'--config.<key>: no such key; did you mean ...' for the first override
+  naming a key the config does not have, or None."""
+  path = _config_value(argv, flag) or default
+  if not path:
+    return None
+  path, _, variant = path.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_config_for_check', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    keys = _flat_keys(module.get_config(variant or None).to_dict())
+  except Exception:  # pylint: disable=broad-except
+    return None  # the file itself is broken: flag parsing says how
+  for arg in argv:
+    if arg.startswith(f'--{flag}.'):
+      key = arg[len(flag) + 3:].split('=', 1)[0]
+      if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = (f'did you mean {" or ".join(close)}?' if close else
+                f'see the keys in {path}.')
+        return f'--{flag}.{key}: the config has no key {key!r}; {hint}'
+  return None
+
+
+def _parser(config_flag: str):
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      if os.environ.get('SLEEP_JAX_TRACEBACK') or '--traceback' in argv:
+        raise
+      default = flags.FLAGS[config_flag].default if (
+          config_flag in flags.FLAGS) else None
+      message = _unknown_override(argv, config_flag, default)
+      if message is None:
+        root = e
+        while root.__cause__ or root.__context__:
+          root = root.__cause__ or root.__context__
+        message = _one_line(root)
+        if isinstance(root, FileNotFoundError) or 'No such file' in message:
+          message += (f'; --{config_flag} takes a path to a config file, e.g.'
+                      f' --{config_flag}={default}')
+      print(f'error: {message}', file=sys.stderr)
+      sys.exit(2)
+  return parse
+
+
+def _guarded(main, workdir_flag: str | None):
+  def wrapped(argv):
+    if not flags.FLAGS['verbosity'].present:
+      # absl logs INFO by default; --verbosity on the command line wins.
+      logging.set_verbosity(logging.WARNING)
+    try:
+      if workdir_flag and flags.FLAGS[workdir_flag].value:
+        with workdir_lib.lock(flags.FLAGS[workdir_flag].value):
+          return main(argv)
+      return main(argv)
+    except (app.UsageError, KeyboardInterrupt):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if _show_traceback():
+        raise
+      if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        print(f'error: no space left on the device writing {e.filename or ""}'
+              '; free space and run the same command again: it resumes '
+              'from the last whole checkpoint.', file=sys.stderr)
+        sys.exit(1)
+      if isinstance(e, (RunFailed, FloatingPointError, CorruptCheckpointError,
+                        workdir_lib.WorkdirBusy)):
+        print(f'error: {_one_line(e)}', file=sys.stderr)
+        sys.exit(1)
+      if isinstance(e, _USER_ERRORS):
+        print(f'error: {_one_line(e)}', file=sys.stderr)
+        sys.exit(2)
+      traceback.print_exc()
+      print(f'error: {type(e).__name__}: {_one_line(e)} (a bug: please '
+            'report it with the traceback above)', file=sys.stderr)
+      sys.exit(1)
+  return wrapped
+
+
+def run(main, config_flag: str = 'config',
+        workdir_flag: str | None = 'workdir') -> None:
+  """absl's app.run(main) with one-line errors, quiet library logs and
+  `--<workdir_flag>` locked while main runs."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  app.run(_guarded(main, workdir_flag), flags_parser=_parser(config_flag))

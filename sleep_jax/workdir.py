@@ -1,0 +1,97 @@
+"""A workdir belongs to one process and one experiment at a time.
+
+`lock(workdir)` takes an advisory `fcntl` lock on `<workdir>/.lock` before
+anything is written there: a second process on the same workdir is refused
+at once, naming the holder's PID. The kernel drops the lock when its holder
+dies, even by `kill -9`, so a stale lock file never blocks a new run.
+
+`check_same_run(workdir, identity)` refuses to run in a workdir whose
+earlier run was of another config (`identity`: every key that decides the
+numbers), naming the keys that differ: results of two configs are never
+mixed in one results.json, nor one reported under the other's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+
+import jax
+
+_LOCK = '.lock'
+_IDENTITY = 'run.json'
+
+
+class WorkdirBusy(RuntimeError):
+  """Another process holds the workdir."""
+
+
+def prepare(workdir: str) -> None:
+  """Creates `workdir`; one clear error if that path is a file."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f'--workdir={workdir} is a file, not a '
+                             'directory; pass a directory path.')
+  os.makedirs(workdir, exist_ok=True)
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds `<workdir>/.lock` for the duration (process 0 only: on a pod the
+  other processes do not write to the workdir)."""
+  prepare(workdir)
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, _LOCK)
+  with open(path, 'a+', encoding='utf-8') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'unknown'
+      raise WorkdirBusy(f'--workdir={workdir} is in use by PID {holder} '
+                        f'({path}); wait for it to finish, or pass another '
+                        '--workdir.') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'{os.getpid()}\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _differences(old, new, prefix='') -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new)):
+      out += _differences(old.get(key, '<absent>'), new.get(key, '<absent>'),
+                          f'{prefix}{key}.')
+    return out
+  return [] if old == new else [f'{prefix[:-1]}: {old} -> {new}']
+
+
+def check_same_run(workdir: str, identity: dict) -> None:
+  """Records `identity` in `<workdir>/run.json`, or raises ValueError if an
+  earlier run there recorded another one."""
+  path = os.path.join(workdir, _IDENTITY)
+  identity = json.loads(json.dumps(identity))  # tuples read back as lists
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      earlier = json.load(f)
+    differ = _differences(earlier, identity)
+    if differ:
+      shown = '; '.join(differ[:4]) + (f'; and {len(differ) - 4} more'
+                                       if len(differ) > 4 else '')
+      raise ValueError(
+          f'--workdir={workdir} holds the results of another config ({shown})'
+          '; a run there would mix or mislabel them: pass another --workdir '
+          f'(or move {workdir} aside).')
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(identity, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
