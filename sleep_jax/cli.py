@@ -115,7 +115,8 @@ def _parser(config_flag: str):
     try:
       return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except
-      if os.environ.get('SLEEP_JAX_TRACEBACK') or '--traceback' in argv:
+      if os.environ.get('SLEEP_JAX_TRACEBACK') or any(
+          a == '--traceback' or a.startswith('--traceback=') for a in argv):
         raise
       default = flags.FLAGS[config_flag].default if (
           config_flag in flags.FLAGS) else None
@@ -133,11 +134,24 @@ def _parser(config_flag: str):
   return parse
 
 
-def _guarded(main, workdir_flag: str | None):
+def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:
       # absl logs INFO by default; --verbosity on the command line wins.
       logging.set_verbosity(logging.WARNING)
+    if config_flag and config_flag in flags.FLAGS and not _show_traceback():
+      try:
+        # ml_collections defers a config file's load error to first use.
+        config = flags.FLAGS[config_flag].value
+        if config is not None:
+          config.to_dict()
+      except Exception as e:  # pylint: disable=broad-except
+        root = e.__cause__ or e.__context__ or e
+        print(f'error: --{config_flag}: {_one_line(root)}; it takes a path '
+              'to a config file, e.g. '
+              f'--{config_flag}={flags.FLAGS[config_flag].default}',
+              file=sys.stderr)
+        sys.exit(2)
     try:
       if workdir_flag and flags.FLAGS[workdir_flag].value:
         with workdir_lib.lock(flags.FLAGS[workdir_flag].value):
@@ -172,4 +186,5 @@ def run(main, config_flag: str = 'config',
   """absl's app.run(main) with one-line errors, quiet library logs and
   `--<workdir_flag>` locked while main runs."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(_guarded(main, workdir_flag), flags_parser=_parser(config_flag))
+  app.run(_guarded(main, workdir_flag, config_flag),
+          flags_parser=_parser(config_flag))

@@ -447,7 +447,9 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   compiler = {} if optimized else {'xla_optimize': False}
   identity = {**{k: v for k, v in config_dict.items()
                  if k not in _NOT_RUN_KEYS}, **compiler}
-  workdir_lib.check_same_run(workdir, identity)
+  results_path = os.path.join(workdir, 'results.json')
+  workdir_lib.check_same_run(workdir, identity,
+                             has_results=os.path.exists(results_path))
   if config_dict != given:
     log('scaled to ' + ', '.join(
         f'{k}={config[k.split(".")[0]][k.split(".")[1]]}'
@@ -519,7 +521,6 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   if os.path.exists(os.path.join(base_dir, 'base.json')):
     with open(os.path.join(base_dir, 'base.json')) as f:
       base_info = {'seconds': json.load(f)['seconds']}
-  results_path = os.path.join(workdir, 'results.json')
   # Same config (check_same_run): its finished (method, seed) runs are kept.
   earlier = _earlier_runs(results_path)
   results = {'methods': {}, 'seeds': parsed['seeds'], 'config': config_dict,

@@ -195,7 +195,10 @@ def _record_checksums(directory: str, **entries) -> None:
 
 
 def _move_aside(path: str, why: str, log) -> None:
-  aside = f'{path}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
+  aside = stem = f'{path}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
+  n = 1
+  while os.path.exists(aside):  # two within one second
+    aside, n = f'{stem}.{n}', n + 1
   log(f'{path} is damaged ({why}); moved it to {aside} and building it again.')
   shutil.move(path, aside)
 

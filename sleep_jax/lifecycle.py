@@ -450,7 +450,7 @@ class Lifecycle:
     key, value = self._learning_rate(stage)
     return training.DivergenceError(
         f'{self.name} (seed {self.seed}) diverged in {stage}: {why}; lower '
-        f'{key} (now {value}) and run again: finished cycles are kept.')
+        f'{key} (now {value}) and run again.')
 
   def _check_losses(self, stage: str, losses) -> None:
     why = training.divergence(losses, self.s.model.config.vocab_size,

@@ -5,10 +5,12 @@ anything is written there: a second process on the same workdir is refused
 at once, naming the holder's PID. The kernel drops the lock when its holder
 dies, even by `kill -9`, so a stale lock file never blocks a new run.
 
-`check_same_run(workdir, identity)` refuses to run in a workdir whose
-earlier run was of another config (`identity`: every key that decides the
-numbers), naming the keys that differ: results of two configs are never
-mixed in one results.json, nor one reported under the other's name.
+`check_same_run(workdir, identity, has_results)` refuses to run in a
+workdir that holds results of another config (`identity`: every key that
+decides the numbers), naming the keys that differ: results of two configs
+are never mixed in one results.json, nor one reported under the other's
+name. A workdir whose earlier run finished nothing (it failed, e.g.
+diverged) takes the new config.
 """
 
 from __future__ import annotations
@@ -74,12 +76,13 @@ def _differences(old, new, prefix='') -> list[str]:
   return [] if old == new else [f'{prefix[:-1]}: {old} -> {new}']
 
 
-def check_same_run(workdir: str, identity: dict) -> None:
+def check_same_run(workdir: str, identity: dict, has_results: bool) -> None:
   """Records `identity` in `<workdir>/run.json`, or raises ValueError if an
-  earlier run there recorded another one."""
+  earlier run there recorded another one and `has_results` (it finished
+  something)."""
   path = os.path.join(workdir, _IDENTITY)
   identity = json.loads(json.dumps(identity))  # tuples read back as lists
-  if os.path.exists(path):
+  if os.path.exists(path) and has_results:
     with open(path, encoding='utf-8') as f:
       earlier = json.load(f)
     differ = _differences(earlier, identity)

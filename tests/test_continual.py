@@ -10,6 +10,7 @@ is run again: its results and final params must equal the reference's seed
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,18 +42,19 @@ def _command(workdir, *overrides):
           f'--workdir={workdir}', *overrides]
 
 
-def _run(env, workdir, *overrides):
+def _run(env, workdir, *overrides, returncode=0):
   proc = subprocess.run(_command(workdir, *overrides), cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
-  if proc.returncode:
+  if proc.returncode != returncode:
     raise AssertionError(f'exit {proc.returncode}\n{proc.stdout}\n'
                          f'{proc.stderr[-3000:]}')
-  return proc.stdout
+  return proc.stdout if returncode == 0 else proc.stderr
 
 
 def _without_seconds(tree):
   if isinstance(tree, dict):
-    return {k: _without_seconds(v) for k, v in tree.items() if k != 'seconds'}
+    return {k: _without_seconds(v) for k, v in tree.items()
+            if k not in ('seconds', 'compile_seconds')}
   if isinstance(tree, list):
     return [_without_seconds(v) for v in tree]
   return tree
@@ -68,9 +70,30 @@ def _final_state(workdir, method, seed, cycle):
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, env):
   workdir = str(tmp_path_factory.mktemp('reference'))
-  stdout = _run(env, workdir,
-                f'--config.methods={continual_config.ALL_METHODS}')
-  return workdir, stdout
+  proc = subprocess.run(
+      _command(workdir, f'--config.methods={continual_config.ALL_METHODS}'),
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Quiet by default: no library INFO logs, one line per cycle.
+  assert not [l for l in proc.stderr.splitlines() if l[:1] in 'IW' and
+              l[1:5].isdigit()], proc.stderr[:2000]
+  lines = (proc.stdout + proc.stderr).splitlines()
+  cycles = 2 * 2 * len(continual_config.ALL_METHODS)
+  assert len(lines) < 2 * cycles + 30, len(lines)
+  return workdir, proc.stdout
+
+
+def _copy_of(reference_dir, tmp_path, parts=None):
+  """A copy of the reference workdir (or of its `parts`: e.g. the data and
+  the base-model cache, which a run of another config can reuse)."""
+  workdir = str(tmp_path / 'copy')
+  if parts is None:
+    shutil.copytree(reference_dir, workdir)
+  else:
+    for part in parts:
+      shutil.copytree(os.path.join(reference_dir, part),
+                      os.path.join(workdir, part))
+  return workdir
 
 
 def test_smoke_writes_every_output(reference):
@@ -156,6 +179,65 @@ def test_smoke_writes_every_output(reference):
   assert lineage['config_hash'] and lineage['code_version']
   assert 'ks_loss' in lineage['sleep_metrics']
   assert 'training the base model' in stdout
+  assert results['finished'] and results['config']['smoke']
+  assert len(results['complete']) == 2 * len(lifecycle.METHODS)
+  assert 'Smoke configuration' in report
+  assert stdout.count('ETA') >= 2 * 2 * len(lifecycle.METHODS)
+  assert f'job {2 * 2 * len(lifecycle.METHODS)}/' in stdout
+
+
+def test_rerun_keeps_other_results_and_refuses_another_config(reference, env,
+                                                               tmp_path):
+  """A re-run with fewer methods keeps every finished (method, seed) of the
+  same config; a torn metrics.jsonl line and a stale plot do not survive;
+  a run of another config or world in the same workdir is refused."""
+  ref_dir, _ = reference
+  workdir = _copy_of(ref_dir, tmp_path)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 1, "sleep/seed0/acc')  # an append cut by kill -9
+  stale = os.path.join(workdir, 'plots', 'acc_matrix_gone.png')
+  shutil.copy(os.path.join(workdir, 'plots', 'methods.png'), stale)
+  stdout = _run(env, workdir, '--config.methods=("finetune",)',
+                '--config.seeds=(1,)')
+  assert 'skipped a torn last line' in stdout
+  assert '[finetune seed 1] resuming after cycle 2' in stdout
+  ref = json.load(open(os.path.join(ref_dir, 'results.json')))
+  got = json.load(open(os.path.join(workdir, 'results.json')))
+  assert set(got['methods']) == set(ref['methods'])
+  for name in ref['methods']:
+    assert (_without_seconds(got['methods'][name]['per_seed']) ==
+            _without_seconds(ref['methods'][name]['per_seed'])), name
+  assert got['finished'] and sorted(map(tuple, got['complete'])) == sorted(
+      map(tuple, ref['complete']))
+  assert not os.path.exists(stale)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  keys = [(r['step'], tuple(sorted(r))) for r in rows]
+  assert len(keys) == len(set(keys))  # no duplicate rows
+  for change, differs in (('--config.sleep.alpha=1.0', 'sleep.alpha: 0.5 -> 1.0'),
+                          ('--config.world.seed=1', 'world.seed: 0 -> 1')):
+    stderr = _run(env, workdir, change, returncode=2)
+    assert stderr.startswith('error: ') and stderr.count('\n') == 1, stderr
+    assert differs in stderr
+  assert json.load(open(os.path.join(workdir, 'results.json'))) == got
+
+
+def test_divergence_without_nan_stops_naming_the_rate(reference, env,
+                                                      tmp_path):
+  """lr 1e6: the loss sits at or above ln V; the run stops with one line
+  naming the method's own learning-rate key before writing its results."""
+  ref_dir, _ = reference
+  workdir = _copy_of(ref_dir, tmp_path, parts=('data', 'base'))
+  stderr = _run(env, workdir, '--config.methods=("finetune",)',
+                '--config.seeds=(0,)',
+                '--config.baselines.finetune_learning_rate=1e6', returncode=1)
+  assert stderr.count('\n') == 1, stderr
+  assert 'finetune (seed 0) diverged in wake' in stderr
+  assert 'lower baselines.finetune_learning_rate (now 1000000.0)' in stderr
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  # The workdir finished nothing: the run the message asks for proceeds.
+  stdout = _run(env, workdir, '--config.methods=("finetune",)',
+                '--config.seeds=(0,)')
+  assert '[finetune seed 0] cycle 2/2' in stdout
 
 
 def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
@@ -170,10 +252,11 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   for line in proc.stdout:
-    if line.startswith('[sleep seed 1] cycle 2: sleep'):
+    if line.startswith('[sleep seed 1] cycle 1/2:'):
+      # Cycle 1 is saved; cycle 2 has begun.
       os.kill(proc.pid, signal.SIGKILL)
       break
-    assert time.time() < deadline, 'the sleep cycle never started'
+    assert time.time() < deadline, 'the first cycle never ended'
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   seed_dir = os.path.join(workdir, 'checkpoints', 'sleep', 'seed_1')
@@ -185,7 +268,7 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
   stdout = _run(env, workdir, *methods)
   assert 'reusing the base model' in stdout
   assert '[sleep seed 1] resuming after cycle 1' in stdout
-  assert '[sleep seed 1] cycle 1' not in stdout  # finished before the kill
+  assert '[sleep seed 1] cycle 1/2' not in stdout  # finished before the kill
 
   def check_equal():
     ref = json.load(open(os.path.join(ref_dir, 'results.json')))
@@ -200,26 +283,38 @@ def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
       np.testing.assert_array_equal(x, y)
   check_equal()
 
-  # Truncate every file of sleep seed 1's newest step: the rerun says which
-  # checkpoint was bad, and redoes that cycle from the one before.
+  # Flip 64 bytes in the middle of the largest data file of sleep seed 1's
+  # newest step: Orbax alone would restore wrong numbers without a word;
+  # the checksums say which checkpoint is damaged, and the rerun redoes
+  # that cycle from the one before.
   newest = os.path.join(seed_dir, '1')
-  for folder, _, files in os.walk(newest):
-    for name in files:
-      path = os.path.join(folder, name)
-      with open(path, 'r+b') as f:
-        f.truncate(os.path.getsize(path) // 2)
+  _flip_bytes(newest)
   stdout = _run(env, workdir, *methods)
   assert f'checkpoint {newest} is unreadable' in stdout
+  assert 'CorruptCheckpointError' in stdout
   assert '[sleep seed 1] resuming after cycle 1' in stdout
-  assert '[sleep seed 1] cycle 2: sleep' in stdout
+  assert '[sleep seed 1] cycle 2/2' in stdout
   check_equal()
 
-  # Another config in the same workdir never resumes this run's cycles: each
-  # is set aside and the run starts over.
-  stdout = _run(env, workdir, *methods, '--config.sleep.num_steps=3')
-  assert stdout.count('not this run\'s (ValueError: written by another '
-                      'config') == 2
-  assert '[sleep seed 1] cycle 1/2' in stdout and 'resuming' not in stdout
+  # Another config in the same workdir is refused, naming what differs.
+  proc = subprocess.run(_command(workdir, *methods, '--config.sleep.num_steps=3'),
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
+  assert 'sleep.num_steps: 2 -> 3' in proc.stderr
+  check_equal()
+
+
+def _flip_bytes(directory, count=64):
+  """Inverts `count` bytes in the middle of the largest file under it."""
+  files = [os.path.join(folder, name) for folder, _, names in
+           os.walk(directory) for name in names]
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    data = f.read(count)
+    f.seek(os.path.getsize(path) // 2)
+    f.write(bytes(b ^ 0xFF for b in data))
 
 
 # Runs the smoke job with every held-out item's answer replaced by another

@@ -223,3 +223,42 @@ def test_invalid_config_fails_before_compiling(tmp_path, compile_counter,
       lm_trainer.train(config, str(tmp_path / 'bad'))
   assert compiles() == 0
   assert not os.path.exists(tmp_path / 'bad')
+
+
+# training.divergence: V = 512, so ln V = 6.24.
+
+
+@pytest.mark.parametrize('bad, shown', [(np.nan, 'nan'), (np.inf, 'inf'),
+                                        (-np.inf, '-inf')])
+def test_divergence_names_the_first_non_finite_step(bad, shown):
+  """A NaN or inf loss anywhere is divergence, named by its (1-based) step,
+  even before the loss ever went below ln V."""
+  losses = [7.0, 7.0, 5.0, bad, 5.0, np.nan]
+  assert training.divergence(losses, 512, patience=10) == (
+      f'the loss is {shown} at step 4')
+  assert 'step 1' in training.divergence([bad], 512, patience=10)
+
+
+def test_divergence_after_learning_then_noise_for_patience_steps():
+  """A model that was learning (below ln V) and then sits at or above it for
+  `patience` steps in a row has diverged; the message says up to which
+  step."""
+  uniform = float(np.log(512))
+  losses = [7.0, 6.0, 5.0, 7.0, uniform, 8.0, 5.0]
+  message = training.divergence(losses, 512, patience=3)
+  assert message is not None
+  assert 'for 3 steps, up to step 6' in message and 'ln V = 6.24' in message
+  assert training.divergence(losses, 512, patience=4) is None
+
+
+def test_untrained_model_is_not_diverged():
+  """A loss above ln V from the start (a model still at its random init)
+  never went below it: not divergence, however long."""
+  assert training.divergence([7.0] * 100, 512, patience=3) is None
+
+
+def test_spikes_shorter_than_patience_are_not_divergence():
+  """Brief spikes above ln V between learning steps are tolerated."""
+  losses = [5.0, 7.0, 7.0, 5.0, 7.0, 7.0, 5.0, 7.0, 7.0]
+  assert training.divergence(losses, 512, patience=3) is None
+  assert training.divergence(losses, 512, patience=2) is not None
