@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import shutil
 import time
 import zlib
 from typing import Any, Callable, Mapping
@@ -564,29 +563,24 @@ class Lifecycle:
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                        sharding=host),
         initial)
-    for step in sorted(ckpt.all_steps(), reverse=True):
-      try:
-        state, metadata = ckpt.restore(step, abstract)
-        records = list(metadata['records'])
-        if len(records) != step + 1:
-          raise ValueError(f'{len(records)} cycle records, expected {step + 1}')
-        written_by = metadata.get('lineage', {}).get('run_hash')
-        if written_by != self.s.lineage.get('run_hash'):
-          raise ValueError(f'written by another config or world (run_hash '
-                           f'{written_by}, this run '
-                           f'{self.s.lineage.get("run_hash")})')
-      except Exception as e:  # pylint: disable=broad-except
-        bad = os.path.join(ckpt.directory, str(step))
-        aside = f'{ckpt.directory}.bad-step{step}-{int(time.time())}'
-        self.log(f'[{self.name} seed {self.seed}] checkpoint {bad} is '
-                 f'unreadable or not this run\'s ({type(e).__name__}: '
-                 f'{str(e)[:200]}); moved to {aside}, falling back to the '
-                 'cycle before it.')
-        shutil.move(bad, aside)
-        ckpt.reload()
-        continue
-      self.log(f'[{self.name} seed {self.seed}] resuming after cycle '
-               f'{step + 1} from {os.path.join(ckpt.directory, str(step))}')
-      return jax.device_get(state), records
+    def check(step, state, metadata):
+      del state
+      if len(metadata['records']) != step + 1:
+        raise ValueError(f'{len(metadata["records"])} cycle records, '
+                         f'expected {step + 1}')
+      written_by = metadata.get('lineage', {}).get('run_hash')
+      if written_by != self.s.lineage.get('run_hash'):
+        raise ValueError(f'written by another config or world (run_hash '
+                         f'{written_by}, this run '
+                         f'{self.s.lineage.get("run_hash")})')
+
+    tag = f'[{self.name} seed {self.seed}]'
+    newest = ckpt.restore_newest(abstract, check=check,
+                                 log=lambda line: self.log(f'{tag} {line}'))
+    if newest is not None:
+      step, state, metadata = newest
+      self.log(f'{tag} resuming after cycle {step + 1} from '
+               f'{os.path.join(ckpt.directory, str(step))}')
+      return jax.device_get(state), list(metadata['records'])
     return initial, []
 

@@ -155,18 +155,21 @@ def train(config, workdir: str, *, stop_after: int | None = None
                mesh, rules, jax.random.key(config.seed), example)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
                       max_to_keep=config.keep_checkpoints)
-  start = ckpt.latest_step() or 0
+  abstract, state_shardings = sharding_lib.abstract_sharded(*init_args)
   local_batch = config.data.batch_size // jax.process_count()
   dataset = pipeline.lm_dataset(
       train_source, seq_len=config.data.seq_len, batch_size=local_batch,
       seed=config.seed, packing=config.data.packing, pad_id=tokenizer.pad_id,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = iter(dataset)
-  if start:  # restore straight into the shardings; never build a fresh state
-    abstract, state_shardings = sharding_lib.abstract_sharded(*init_args)
-    state, _ = ckpt.restore(start, abstract, data_iter)
+  # Restored straight into the shardings: no fresh state is built first.
+  newest = ckpt.restore_newest(abstract, data_iter)
+  if newest:
+    start, state, _ = newest
     print(f'resumed from checkpoint step {start}', flush=True)
   else:
+    start = 0
+    data_iter = iter(dataset)  # a failed restore may have moved it
     state, state_shardings = sharding_lib.init_sharded(*init_args)
   num_params = count_params(state.params)
   logging.info('Model: %s params, config %s', f'{num_params:,}', model_config)

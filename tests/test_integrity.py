@@ -153,6 +153,34 @@ def test_truncated_checkpoint_raises(two_steps):
   assert _equal(state, _tree(0))
 
 
+def test_restore_newest_falls_back_past_damaged_and_rejected_steps(two_steps):
+  """What train_lm and the main job resume from: the newest step that is
+  whole and passes the caller's check; the others are moved aside (kept,
+  never tried again), each reported with its path."""
+  _flip_bytes(os.path.join(two_steps, '1', 'state'))
+  lines = []
+  checkpointer = Checkpointer(two_steps)
+  try:
+    step, state, metadata = checkpointer.restore_newest(
+        _abstract(_tree(0)), log=lines.append)
+  finally:
+    checkpointer.close()
+  assert step == 0 and _equal(state, _tree(0)) and metadata['note'] == 'n0'
+  assert len(lines) == 1 and os.path.join(two_steps, '1') in lines[0]
+  assert glob.glob(f'{two_steps}.bad-step1-*')
+  assert sorted(os.listdir(two_steps)) == ['0']
+
+  def reject(step, state, metadata):
+    raise ValueError(f'not this run ({step})')
+  checkpointer = Checkpointer(two_steps)
+  try:
+    assert checkpointer.restore_newest(_abstract(_tree(0)), check=reject,
+                                       log=lines.append) is None
+  finally:
+    checkpointer.close()
+  assert 'not this run (0)' in lines[-1] and not os.listdir(two_steps)
+
+
 # fact_world.restore_or_train / checked_file
 
 

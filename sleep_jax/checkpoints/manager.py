@@ -15,7 +15,9 @@ step holds three items:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+import shutil
+import time
+from typing import Any, Callable, Mapping
 
 from absl import logging
 import grain
@@ -84,6 +86,33 @@ class Checkpointer:
     integrity.verify(restored['state'], metadata.pop('checksums', None),
                      os.path.join(self.directory, str(step)))
     return restored['state'], metadata
+
+  def restore_newest(self, abstract_state, data_iterator=None, *,
+                     check: Callable[[int, Any, dict], None] | None = None,
+                     log: Callable[[str], None] = print):
+    """(step, state, metadata) of the newest step that restores whole and
+    passes `check(step, state, metadata)` (which raises if not), or None.
+
+    A step that fails either way is reported (path, what failed), moved
+    aside to `<directory>.bad-step<step>-<time>` so it is never tried again
+    and nothing is deleted, and the step before it is tried.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, metadata = self.restore(step, abstract_state, data_iterator)
+        if check is not None:
+          check(step, state, metadata)
+      except Exception as e:  # pylint: disable=broad-except
+        bad = os.path.join(self.directory, str(step))
+        aside = f'{self.directory}.bad-step{step}-{int(time.time())}'
+        log(f'checkpoint {bad} is unreadable or not this run\'s '
+            f'({type(e).__name__}: {" ".join(str(e).split())[:200]}); moved '
+            f'to {aside}, falling back to the step before it.')
+        shutil.move(bad, aside)
+        self.reload()
+        continue
+      return step, state, metadata
+    return None
 
   def reload(self) -> None:
     """Re-reads the steps on disk (after one was moved aside)."""
