@@ -134,6 +134,17 @@ def _parser(config_flag: str):
   return parse
 
 
+def _disk_full(e: BaseException) -> bool:
+  """ENOSPC anywhere in the chain: Orbax and TensorStore re-raise it as
+  their own errors."""
+  while e is not None:
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        'No space left on device' in str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:
@@ -157,15 +168,24 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
         with workdir_lib.lock(flags.FLAGS[workdir_flag].value):
           return main(argv)
       return main(argv)
-    except (app.UsageError, KeyboardInterrupt):
+    except app.UsageError:
       raise
+    except KeyboardInterrupt:
+      if _show_traceback():
+        raise
+      print('error: interrupted; run the same command again to resume from '
+            'the last finished cycle (results.json says which runs are '
+            'complete).', file=sys.stderr)
+      sys.exit(130)
     except Exception as e:  # pylint: disable=broad-except
       if _show_traceback():
         raise
-      if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        print(f'error: no space left on the device writing {e.filename or ""}'
-              '; free space and run the same command again: it resumes '
-              'from the last whole checkpoint.', file=sys.stderr)
+      if _disk_full(e):
+        where = getattr(e, 'filename', None) or (
+            flags.FLAGS[workdir_flag].value if workdir_flag else '')
+        print(f'error: no space left on the device writing {where}; free '
+              'space and run the same command again: it resumes from the '
+              'last whole checkpoint.', file=sys.stderr)
         sys.exit(1)
       if isinstance(e, (RunFailed, FloatingPointError, CorruptCheckpointError,
                         workdir_lib.WorkdirBusy)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -256,6 +257,9 @@ def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
                     log)
     params, model_state = jax.device_get(train())
     tree = {'params': params, 'model_state': model_state}
+    # What a save cut short (a full disk, a kill) left behind.
+    for leftover in glob.glob(f'{path}.orbax-checkpoint-tmp*'):
+      shutil.rmtree(leftover, ignore_errors=True)
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
     _record_checksums(directory, arrays=integrity.checksums(tree))

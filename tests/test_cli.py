@@ -210,6 +210,31 @@ def test_full_disk_is_one_line_with_status_1(guarded, capsys):
   assert 'Traceback' not in err
 
 
+def test_full_disk_inside_a_library_error_is_the_same_line(guarded, capsys):
+  """Orbax and TensorStore re-raise ENOSPC as errors of their own (a
+  ValueError would otherwise read as a config error, status 2)."""
+  try:
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device', '/w/ckpt/3')
+    except OSError as cause:
+      raise ValueError('Error writing "d/1f3a": write failed') from cause
+  except ValueError as wrapped:
+    error = wrapped
+  assert _status(guarded, error) == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'no space left' in err
+  assert _status(guarded, RuntimeError(
+      'INTERNAL: Error writing: No space left on device [errno 28]')) == 1
+  assert 'no space left' in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(guarded, capsys):
+  """Ctrl-C is not an error in the code: status 130, one line."""
+  assert _status(guarded, KeyboardInterrupt()) == 130
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'run the same command again' in err
+
+
 @pytest.mark.parametrize('error, status, text', [
     (ValueError('sessions=0: must be at least 1'), 2, 'sessions=0'),
     (KeyError('no method "x"'), 2, 'no method "x"'),
