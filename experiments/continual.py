@@ -12,7 +12,8 @@ config key can be overridden: --config.<key>.<subkey>=<value>.
 
 Re-running the same command resumes from the last completed cycle; other
 methods or seeds in the same --workdir add to its results.json; any other
-change of the config needs its own --workdir.
+change of the config needs its own --workdir. Errors are one line;
+--traceback shows the Python traceback, --verbosity=0 the library logs.
 """
 
 from absl import app
