@@ -6,14 +6,11 @@ r"""The CMS wake study: online fast levels vs frozen MLPs on a stream of facts.
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from sleep_jax import cli
 from sleep_jax import sharding
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', cli.default_config(__file__, 'cms_recall.py'), cli.CONFIG_HELP,
-    lock_config=True)
+_CONFIG = cli.define_config(__file__, 'cms_recall.py')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/cms_recall', 'Output directory.')
 
 

@@ -18,14 +18,11 @@ change of the config needs its own --workdir. Errors are one line;
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from sleep_jax import cli
 from sleep_jax import sharding
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', cli.default_config(__file__, 'continual.py'), cli.CONFIG_HELP,
-    lock_config=True)
+_CONFIG = cli.define_config(__file__, 'continual.py')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/continual', 'Output directory.')
 
 

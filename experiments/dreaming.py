@@ -6,14 +6,11 @@ r"""The dreaming study: ReST-EM and rehearsal on a toy world.
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from sleep_jax import cli
 from sleep_jax import sharding
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', cli.default_config(__file__, 'dreaming.py'), cli.CONFIG_HELP,
-    lock_config=True)
+_CONFIG = cli.define_config(__file__, 'dreaming.py')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/dreaming', 'Output directory.')
 
 

@@ -8,14 +8,11 @@ Re-running the same command resumes from the latest checkpoint in --workdir.
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from sleep_jax import cli
 from sleep_jax import sharding
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, cli.CONFIG_HELP,
-    lock_config=True)
+_CONFIG = cli.define_config(__file__, None)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _STOP_AFTER = flags.DEFINE_integer(
     'stop_after', None, 'Stop (with a checkpoint) after this step.')

@@ -21,16 +21,19 @@ import difflib
 import errno
 import importlib.util
 import os
+import re
 import sys
 import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from sleep_jax import workdir as workdir_lib
 from sleep_jax.checkpoints.integrity import CorruptCheckpointError
 
+_TRACEBACK_ENV = 'SLEEP_JAX_TRACEBACK'
 _TRACEBACK = flags.DEFINE_bool(
     'traceback', False, 'Show the Python traceback of an error instead of '
     'one line (also SLEEP_JAX_TRACEBACK=1).')
@@ -50,15 +53,46 @@ class RunFailed(RuntimeError):
   """A run that cannot go on (e.g. diverged): one line, exit status 1."""
 
 
-def default_config(entry_file: str, name: str) -> str:
-  """experiments/configs/<name> next to the entry point, so the default
-  works from any directory."""
-  return os.path.join(os.path.dirname(os.path.abspath(entry_file)), 'configs',
-                      name)
+def define_config(entry_file: str, name: str | None):
+  """The entry point's `--config` flag (default: experiments/configs/<name>
+  next to it, so it works from any directory; None: required).
+
+  ml_collections reads `--config.<key>` overrides from the command line
+  already here, at import: a key it cannot parse is reported in one line.
+  """
+  default = None if name is None else os.path.join(
+      os.path.dirname(os.path.abspath(entry_file)), 'configs', name)
+  _DEFAULT_PATHS['config'] = default
+  try:
+    return config_flags.DEFINE_config_file('config', default, CONFIG_HELP,
+                                           lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if _traceback_asked(sys.argv):
+      raise
+    message = _unknown_override(sys.argv, 'config', default) or (
+        f'{_one_line(e)}; overrides look like '
+        '--config.model.cms_levels[0].width=8')
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+_DEFAULT_PATHS = {}
+
+
+def _default_path(config_flag: str) -> str | None:
+  """The default `--config` path (the flag's `default` is the loaded
+  config itself)."""
+  return _DEFAULT_PATHS.get(config_flag)
+
+
+def _traceback_asked(argv) -> bool:
+  return bool(os.environ.get(_TRACEBACK_ENV)) or any(
+      a == '--traceback' or a.startswith('--traceback=') and
+      a.split('=', 1)[1].lower() in ('1', 'true') for a in argv)
 
 
 def _show_traceback() -> bool:
-  return bool(os.environ.get('SLEEP_JAX_TRACEBACK')) or (
+  return bool(os.environ.get(_TRACEBACK_ENV)) or (
       flags.FLAGS.is_parsed() and _TRACEBACK.value)
 
 
@@ -82,6 +116,10 @@ def _flat_keys(tree, prefix='') -> list[str]:
     out.append(prefix + key)
     if isinstance(value, dict):
       out += _flat_keys(value, f'{prefix}{key}.')
+    if isinstance(value, (list, tuple)):
+      for i, item in enumerate(value):
+        if isinstance(item, dict):
+          out += _flat_keys(item, f'{prefix}{key}[{i}].')
   return out
 
 
@@ -106,6 +144,9 @@ def _unknown_override(argv, flag: str, default: str | None) -> str | None:
         close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
         hint = (f'did you mean {" or ".join(close)}?' if close else
                 f'see the keys in {path}.')
+        if re.search(r'\.\d+(\.|$)', key):
+          hint = ('list items are overridden with brackets, e.g. '
+                  + re.sub(r'\.(\d+)(?=\.|$)', r'[\1]', key))
         return f'--{flag}.{key}: the config has no key {key!r}; {hint}'
   return None
 
@@ -115,20 +156,27 @@ def _parser(config_flag: str):
     try:
       return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except
-      if os.environ.get('SLEEP_JAX_TRACEBACK') or any(
-          a == '--traceback' or a.startswith('--traceback=') for a in argv):
+      if _traceback_asked(argv):
         raise
-      default = flags.FLAGS[config_flag].default if (
-          config_flag in flags.FLAGS) else None
+      default = _default_path(config_flag)
       message = _unknown_override(argv, config_flag, default)
       if message is None:
         root = e
         while root.__cause__ or root.__context__:
           root = root.__cause__ or root.__context__
-        message = _one_line(root)
-        if isinstance(root, FileNotFoundError) or 'No such file' in message:
-          message += (f'; --{config_flag} takes a path to a config file, e.g.'
-                      f' --{config_flag}={default}')
+        if str(e).startswith(f'flag --{config_flag}.'):
+          message = _one_line(e)  # names the override and its value
+        elif str(e).startswith('flag --') or isinstance(root, flags.Error):
+          message = _one_line(e)
+        else:
+          path = _config_value(argv, config_flag) or default
+          message = f'--{config_flag}={path}: {_one_line(root)}'
+          if isinstance(root, AttributeError) and 'get_config' in str(root):
+            message = (f'--{config_flag}={path}: the file defines no '
+                       'get_config(variant) returning the config')
+          elif isinstance(root, (OSError, ImportError)):
+            message += (f'; --{config_flag} takes a path to a config file, '
+                        f'e.g. --{config_flag}={default}')
       print(f'error: {message}', file=sys.stderr)
       sys.exit(2)
   return parse
@@ -160,7 +208,7 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
         root = e.__cause__ or e.__context__ or e
         print(f'error: --{config_flag}: {_one_line(root)}; it takes a path '
               'to a config file, e.g. '
-              f'--{config_flag}={flags.FLAGS[config_flag].default}',
+              f'--{config_flag}={_default_path(config_flag)}',
               file=sys.stderr)
         sys.exit(2)
     try:
@@ -168,8 +216,12 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
         with workdir_lib.lock(flags.FLAGS[workdir_flag].value):
           return main(argv)
       return main(argv)
-    except app.UsageError:
-      raise
+    except app.UsageError as e:
+      if _show_traceback():
+        raise
+      print(f'error: {_one_line(e)}; flags go as --name=value (--help lists '
+            'them).', file=sys.stderr)
+      sys.exit(2)
     except KeyboardInterrupt:
       if _show_traceback():
         raise

@@ -30,12 +30,21 @@ class WorkdirBusy(RuntimeError):
   """Another process holds the workdir."""
 
 
+def _unusable(workdir: str, e: OSError) -> ValueError:
+  return ValueError(f'--workdir={workdir} cannot be used ({e.strerror}: '
+                    f'{e.filename}); pass a directory path this user can '
+                    'write to.')
+
+
 def prepare(workdir: str) -> None:
   """Creates `workdir`; one clear error if that path is a file."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f'--workdir={workdir} is a file, not a '
                              'directory; pass a directory path.')
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise _unusable(workdir, e) from e
 
 
 @contextlib.contextmanager
@@ -47,7 +56,11 @@ def lock(workdir: str):
     yield
     return
   path = os.path.join(workdir, _LOCK)
-  with open(path, 'a+', encoding='utf-8') as f:
+  try:
+    f = open(path, 'a+', encoding='utf-8')
+  except OSError as e:
+    raise _unusable(workdir, e) from e
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -61,6 +61,36 @@ def test_unknown_key_names_the_closest_one(tmp_path):
   assert 'did you mean sleep.alpha' in line
 
 
+@pytest.mark.parametrize('args, expected', [
+    # A value the override's type cannot take: the flag and value named.
+    (['--config.optimizer.learning_rate=fast'],
+     'flag --config.optimizer.learning_rate=fast'),
+    (['--config.dreaming.enabled=maybe'], 'flag --config.dreaming.enabled=maybe'),
+    # List items: the bracket syntax, found or suggested.
+    (['--config.model.cms_levels.0.width=8'], 'model.cms_levels[0].width'),
+    (['--config.model.cms_levels[0].widht=8'],
+     'did you mean model.cms_levels[0].width'),
+    # A stray positional argument.
+    (['extra'], "Unexpected arguments: ['extra']"),
+])
+def test_flag_errors_name_the_flag(tmp_path, args, expected):
+  """Errors absl and ml_collections raise while reading the command line
+  (some at import) are one line naming what to fix, status 2."""
+  proc = _continual(SMOKE, f'--workdir={tmp_path / "wd"}', *args)
+  assert proc.returncode == 2, proc.stderr
+  assert expected in _one_error_line(proc)
+
+
+def test_unusable_workdir_is_one_line_with_status_2(tmp_path):
+  """A workdir path inside a file, or a name too long for the file system."""
+  inside = tmp_path / 'a_file'
+  inside.write_text('')
+  for workdir in (inside / 'sub', tmp_path / ('x' * 300)):
+    proc = _continual(SMOKE, f'--workdir={workdir}')
+    assert proc.returncode == 2, proc.stderr
+    assert f'--workdir={workdir} cannot be used' in _one_error_line(proc)
+
+
 def test_bad_value_is_one_line_with_status_2(tmp_path):
   """A config value the run rejects is a user error: one line, status 2."""
   proc = _continual(SMOKE, f'--workdir={tmp_path / "wd"}',
