@@ -49,6 +49,10 @@ _USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError,
                 PermissionError)
 
 
+# Ctrl-C exits without the interpreter's shutdown (tests replace this).
+_hard_exit = os._exit  # pylint: disable=protected-access
+
+
 class RunFailed(RuntimeError):
   """A run that cannot go on (e.g. diverged): one line, exit status 1."""
 
@@ -227,8 +231,11 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
         raise
       print('error: interrupted; run the same command again to resume from '
             'the last finished cycle (results.json says which runs are '
-            'complete).', file=sys.stderr)
-      sys.exit(130)
+            'complete).', file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      # Not sys.exit: library threads (checkpoint writers) cut mid-work can
+      # crash the interpreter's shutdown. Every file is whole already.
+      _hard_exit(130)
     except Exception as e:  # pylint: disable=broad-except
       if _show_traceback():
         raise

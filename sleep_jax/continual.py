@@ -248,7 +248,8 @@ def _items(tokenizer, records, split: str, seq_len: int):
                   if r['split'] == split], seq_len)
 
 
-def load_world(config, parsed, workdir: str, tokenizer_path: str) -> World:
+def load_world(config, parsed, workdir: str, tokenizer_path: str,
+               log=print) -> World:
   """The TFDS world as arrays; the tokenizer (trained on passage sentences
   only, never a held-out question) is kept next to the base model.
 
@@ -256,13 +257,8 @@ def load_world(config, parsed, workdir: str, tokenizer_path: str) -> World:
   the evaluation reads; dreaming's tau scores probe items (`Session.tasks`).
   """
   world = parsed['world']
-  data_dir = os.path.join(workdir, 'data')
-  world_tfds.build(data_dir, world)
-  source = world_tfds.load(data_dir, world)
-  passages = [world_tfds.session_records(source['passages'], t)
-              for t in range(world.sessions + 1)]
-  questions = [world_tfds.session_records(source['questions'], t)
-               for t in range(world.sessions + 1)]
+  passages, questions = world_tfds.read_sessions(
+      os.path.join(workdir, 'data'), world, log)
   readers = facts.strangers(int(config.world.reading_people),
                             [p.name for _, p in world.people()], world.seed)
   if os.path.exists(tokenizer_path):
@@ -447,9 +443,11 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   compiler = {} if optimized else {'xla_optimize': False}
   identity = {**{k: v for k, v in config_dict.items()
                  if k not in _NOT_RUN_KEYS}, **compiler}
+  workdir_lib.require_directories(workdir, ('base', 'checkpoints', 'data',
+                                            'plots', 'tensorboard'))
   results_path = os.path.join(workdir, 'results.json')
-  workdir_lib.check_same_run(workdir, identity,
-                             has_results=os.path.exists(results_path))
+  earlier_results = _earlier_results(results_path, log)
+  workdir_lib.check_same_run(workdir, identity, earlier_results)
   if config_dict != given:
     log('scaled to ' + ', '.join(
         f'{k}={config[k.split(".")[0]][k.split(".")[1]]}'
@@ -476,7 +474,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   tokenizer_file = 'tokenizer.model'
   tokenizer_path = os.path.join(base_dir, tokenizer_file)
   fact_world.checked_file(base_dir, tokenizer_file, log)
-  world = load_world(config, parsed, workdir, tokenizer_path)
+  world = load_world(config, parsed, workdir, tokenizer_path, log)
   tokenizer, base_items, sessions = (world.tokenizer, world.base_items,
                                      world.sessions)
   if not os.path.exists(tokenizer_path):
@@ -522,7 +520,8 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
     with open(os.path.join(base_dir, 'base.json')) as f:
       base_info = {'seconds': json.load(f)['seconds']}
   # Same config (check_same_run): its finished (method, seed) runs are kept.
-  earlier = _earlier_runs(results_path)
+  earlier = {m: {int(r['seed']): r for r in entry.get('per_seed', [])}
+             for m, entry in (earlier_results or {}).get('methods', {}).items()}
   results = {'methods': {}, 'seeds': parsed['seeds'], 'config': config_dict,
              'base': {'acc': base_acc, **base_info},
              **({'config_given': given} if given != config_dict else {}),
@@ -591,15 +590,22 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   return results
 
 
-def _earlier_runs(path: str) -> dict[str, dict[int, dict]]:
-  """{method: {seed: per-seed run}} of an earlier results.json in the same
-  workdir (whose config check_same_run has already matched)."""
+def _earlier_results(path: str, log) -> dict | None:
+  """An earlier results.json of this workdir, or None. One that does not
+  read back (cut short by a full disk) is set aside, not lost: the runs
+  asked for now are restored from their checkpoints."""
   if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    earlier = json.load(f)
-  return {m: {int(r['seed']): r for r in entry.get('per_seed', [])}
-          for m, entry in earlier.get('methods', {}).items()}
+    return None
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+    if not isinstance(earlier, dict):
+      raise ValueError('not a JSON object')
+    return earlier
+  except ValueError as e:
+    log(f'{path} does not read back ({e}).')
+    metrics_lib.set_aside(path, log)
+    return None
 
 
 class _JobProgress:

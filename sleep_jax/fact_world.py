@@ -182,17 +182,30 @@ def _checksums_path(directory: str) -> str:
   return os.path.join(directory, 'checksums.json')
 
 
-def _read_checksums(directory: str) -> dict:
-  try:
-    with open(_checksums_path(directory)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+def _read_checksums(directory: str, strict: bool = True) -> dict:
+  """checksums.json ({} if there is none: a cache from before checksums).
+  One that does not read back is damage like any other (CorruptCheckpoint-
+  Error), or {} if not `strict` (about to be rewritten)."""
+  path = _checksums_path(directory)
+  if not os.path.exists(path):
     return {}
+  try:
+    with open(path) as f:
+      value = json.load(f)
+    if not isinstance(value, dict):
+      raise ValueError('not a JSON object')
+    return value
+  except (OSError, ValueError) as e:
+    if not strict:
+      return {}
+    raise integrity.CorruptCheckpointError(
+        f'{path} does not read back ({e})') from e
 
 
 def _record_checksums(directory: str, **entries) -> None:
   metrics_lib.write_json(_checksums_path(directory),
-                         {**_read_checksums(directory), **entries})
+                         {**_read_checksums(directory, strict=False),
+                          **entries})
 
 
 def _move_aside(path: str, why: str, log) -> None:
@@ -212,7 +225,12 @@ def checked_file(directory: str, name: str, log=print) -> bool:
   path = os.path.join(directory, name)
   if not os.path.exists(path):
     return False
-  recorded = _read_checksums(directory).get('files', {})
+  try:
+    recorded = _read_checksums(directory).get('files', {})
+  except integrity.CorruptCheckpointError as e:
+    _move_aside(directory, str(e), log)
+    os.makedirs(directory)
+    return False
   digest = integrity.file_sha256(path)
   if name not in recorded:
     record_file(directory, name)
@@ -225,7 +243,7 @@ def checked_file(directory: str, name: str, log=print) -> bool:
 
 def record_file(directory: str, name: str) -> None:
   """Records the checksum of `directory/name`, which `checked_file` checks."""
-  files = dict(_read_checksums(directory).get('files', {}))
+  files = dict(_read_checksums(directory, strict=False).get('files', {}))
   files[name] = integrity.file_sha256(os.path.join(directory, name))
   _record_checksums(directory, files=files)
 

@@ -5,7 +5,7 @@ anything is written there: a second process on the same workdir is refused
 at once, naming the holder's PID. The kernel drops the lock when its holder
 dies, even by `kill -9`, so a stale lock file never blocks a new run.
 
-`check_same_run(workdir, identity, has_results)` refuses to run in a
+`check_same_run(workdir, identity, results)` refuses to run in a
 workdir that holds results of another config (`identity`: every key that
 decides the numbers), naming the keys that differ: results of two configs
 are never mixed in one results.json, nor one reported under the other's
@@ -45,6 +45,16 @@ def prepare(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise _unusable(workdir, e) from e
+
+
+def require_directories(workdir: str, names) -> None:
+  """Raises ValueError if any `<workdir>/<name>` the run writes as a
+  directory is something else."""
+  for name in names:
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f'{path} is a file, but the run writes a directory '
+                       'there; move it aside.')
 
 
 @contextlib.contextmanager
@@ -89,16 +99,32 @@ def _differences(old, new, prefix='') -> list[str]:
   return [] if old == new else [f'{prefix[:-1]}: {old} -> {new}']
 
 
-def check_same_run(workdir: str, identity: dict, has_results: bool) -> None:
-  """Records `identity` in `<workdir>/run.json`, or raises ValueError if an
-  earlier run there recorded another one and `has_results` (it finished
-  something)."""
+def _recorded(path: str) -> dict | None:
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+    return value if isinstance(value, dict) else None
+  except (OSError, ValueError):
+    return None
+
+
+def check_same_run(workdir: str, identity: dict,
+                   results: dict | None) -> None:
+  """Records `identity` in `<workdir>/run.json`, or raises ValueError if
+  the workdir holds `results` (its results.json, None if none) of another
+  one. Without a readable run.json, the identity is that of the results'
+  own `config`."""
   path = os.path.join(workdir, _IDENTITY)
   identity = json.loads(json.dumps(identity))  # tuples read back as lists
-  if os.path.exists(path) and has_results:
-    with open(path, encoding='utf-8') as f:
-      earlier = json.load(f)
-    differ = _differences(earlier, identity)
+  recorded = _recorded(path)
+  if results is not None:
+    earlier, now = recorded, identity
+    if earlier is None:
+      # Compiler settings are not in the config: compared only via run.json.
+      earlier = {k: v for k, v in json.loads(json.dumps(
+          results.get('config', {}))).items() if k in identity}
+      now = {k: v for k, v in identity.items() if k in earlier}
+    differ = _differences(earlier, now)
     if differ:
       shown = '; '.join(differ[:4]) + (f'; and {len(differ) - 4} more'
                                        if len(differ) > 4 else '')
@@ -106,7 +132,8 @@ def check_same_run(workdir: str, identity: dict, has_results: bool) -> None:
           f'--workdir={workdir} holds the results of another config ({shown})'
           '; a run there would mix or mislabel them: pass another --workdir '
           f'(or move {workdir} aside).')
-    return
+    if recorded is not None:
+      return
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(identity, f, indent=2, sort_keys=True)

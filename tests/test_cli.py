@@ -258,8 +258,10 @@ def test_full_disk_inside_a_library_error_is_the_same_line(guarded, capsys):
   assert 'no space left' in capsys.readouterr().err
 
 
-def test_ctrl_c_is_one_line_saying_how_to_resume(guarded, capsys):
+def test_ctrl_c_is_one_line_saying_how_to_resume(guarded, capsys,
+                                                 monkeypatch):
   """Ctrl-C is not an error in the code: status 130, one line."""
+  monkeypatch.setattr(cli, '_hard_exit', sys.exit)
   assert _status(guarded, KeyboardInterrupt()) == 130
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'run the same command again' in err

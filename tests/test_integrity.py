@@ -280,3 +280,27 @@ def test_checked_file(tmp_path):
   assert os.path.getsize(os.path.join(aside[0], 'tokenizer.model')) == 50
   assert directory.is_dir() and os.listdir(directory) == []
   assert any('damaged' in line for line in logs), logs
+
+
+def test_a_damaged_checksum_record_is_damage_too(tmp_path):
+  """A checksums.json that does not read back cannot vouch for the arrays
+  (they may be damaged as well): the model is retrained, never re-blessed;
+  checked_file moves the whole cache aside."""
+  directory = str(tmp_path / 'base')
+  train = _Trainer()
+  first = fact_world.restore_or_train(directory, train, lambda _: None)
+  _flip_bytes(os.path.join(directory, 'params'))
+  with open(os.path.join(directory, 'checksums.json'), 'w') as f:
+    f.write('{"files": {')
+  lines = []
+  again = fact_world.restore_or_train(directory, train, lines.append)
+  assert train.calls == 2 and _equal(again, first)
+  assert 'checksums.json does not read back' in lines[0]
+  with open(os.path.join(directory, 'tokenizer.model'), 'wb') as f:
+    f.write(b'tokens')
+  fact_world.record_file(directory, 'tokenizer.model')
+  with open(os.path.join(directory, 'checksums.json'), 'w') as f:
+    f.write('[')
+  assert not fact_world.checked_file(directory, 'tokenizer.model',
+                                     lines.append)
+  assert glob.glob(f'{directory}.bad-*') and not os.listdir(directory)

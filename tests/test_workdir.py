@@ -98,13 +98,13 @@ def test_check_same_run_records_then_accepts_the_same_config(tmp_path):
   """The first run records its identity; the same one (tuples read back as
   lists) is accepted."""
   path = str(tmp_path)
-  workdir.check_same_run(path, _IDENTITY, has_results=False)
+  workdir.check_same_run(path, _IDENTITY, results=None)
   with open(tmp_path / 'run.json') as f:
     recorded = json.load(f)
   assert recorded['model'] == {'d_model': 96, 'levels': [{'width': 64}]}
-  workdir.check_same_run(path, _IDENTITY, has_results=True)
+  workdir.check_same_run(path, _IDENTITY, results={})
   workdir.check_same_run(path, {**_IDENTITY, 'seeds_unused': [0, 1]},
-                         has_results=True)
+                         results={})
 
 
 def test_check_same_run_names_every_differing_key(tmp_path):
@@ -112,12 +112,12 @@ def test_check_same_run_names_every_differing_key(tmp_path):
   differing (nested) key with its old and new value, and run.json keeps the
   first config."""
   path = str(tmp_path)
-  workdir.check_same_run(path, _IDENTITY, has_results=False)
+  workdir.check_same_run(path, _IDENTITY, results=None)
   before = (tmp_path / 'run.json').read_text()
   other = {**_IDENTITY, 'model': {'d_model': 128, 'levels': [{'width': 64}]},
            'sleep': {'alpha': 1.0, 'lmbda': 0.0}}
   with pytest.raises(ValueError) as error:
-    workdir.check_same_run(path, other, has_results=True)
+    workdir.check_same_run(path, other, results={})
   message = str(error.value)
   assert 'model.d_model: 96 -> 128' in message
   assert 'sleep.alpha: 0.5 -> 1.0' in message
@@ -128,22 +128,38 @@ def test_check_same_run_names_every_differing_key(tmp_path):
 def test_check_same_run_names_added_and_removed_keys(tmp_path):
   """A key only one of the two configs has is a difference too."""
   path = str(tmp_path)
-  workdir.check_same_run(path, {'a': 1, 'b': {'c': 2}}, has_results=False)
+  workdir.check_same_run(path, {'a': 1, 'b': {'c': 2}}, results=None)
   with pytest.raises(ValueError) as error:
-    workdir.check_same_run(path, {'a': 1, 'b': {'d': 3}}, has_results=True)
+    workdir.check_same_run(path, {'a': 1, 'b': {'d': 3}}, results={})
   message = str(error.value)
   assert 'b.c: 2 -> <absent>' in message
   assert 'b.d: <absent> -> 3' in message
+
+
+def test_check_same_run_falls_back_on_the_results_config(tmp_path):
+  """run.json deleted or damaged: the results' own config stands in for it,
+  so a run of another config is still refused."""
+  path = str(tmp_path)
+  results = {'config': {**_IDENTITY, 'methods': ['sleep'], 'seeds': [0]}}
+  for damage in (None, '{'):
+    if damage is not None:
+      (tmp_path / 'run.json').write_text(damage)
+    with pytest.raises(ValueError, match='sleep.alpha: 0.5 -> 1.0'):
+      workdir.check_same_run(path, {**_IDENTITY, 'sleep': {
+          'alpha': 1.0, 'lmbda': 0.0}}, results=results)
+  # The same config passes, compiler keys (absent from the config) aside.
+  workdir.check_same_run(path, {**_IDENTITY, 'xla_optimize': False},
+                         results=results)
 
 
 def test_check_same_run_lists_at_most_four_differences(tmp_path):
   """Many differences: four shown and how many more, to stay one line."""
   path = str(tmp_path)
   workdir.check_same_run(path, {f'k{i}': i for i in range(6)},
-                         has_results=False)
+                         results=None)
   with pytest.raises(ValueError) as error:
     workdir.check_same_run(path, {f'k{i}': -i - 1 for i in range(6)},
-                           has_results=True)
+                           results={})
   message = str(error.value)
   assert 'k3: 3 -> -4; and 2 more' in message and 'k4' not in message
   assert '\n' not in message
@@ -153,10 +169,10 @@ def test_workdir_without_results_takes_a_new_config(tmp_path):
   """A run that finished nothing (it failed) does not hold its workdir: a
   new config is accepted and recorded, and is then the one compared."""
   path = str(tmp_path)
-  workdir.check_same_run(path, {'lr': 1e6}, has_results=False)
-  workdir.check_same_run(path, {'lr': 1e-3}, has_results=False)
+  workdir.check_same_run(path, {'lr': 1e6}, results=None)
+  workdir.check_same_run(path, {'lr': 1e-3}, results=None)
   with open(tmp_path / 'run.json') as f:
     assert json.load(f) == {'lr': 1e-3}
-  workdir.check_same_run(path, {'lr': 1e-3}, has_results=True)
+  workdir.check_same_run(path, {'lr': 1e-3}, results={})
   with pytest.raises(ValueError, match='lr: 0.001 -> 1000000.0'):
-    workdir.check_same_run(path, {'lr': 1e6}, has_results=True)
+    workdir.check_same_run(path, {'lr': 1e6}, results={})

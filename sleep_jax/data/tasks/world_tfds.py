@@ -22,7 +22,9 @@ import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import sys
+import time
 
 from absl import logging
 import grain
@@ -151,3 +153,28 @@ def session_records(source, session: int) -> list[dict]:
 def _decoded(record) -> dict:
   return {k: v.decode() if isinstance(v, bytes) else int(v)
           for k, v in record.items()}
+
+
+def read_sessions(data_dir: str, world: WorldConfig, log=print):
+  """(passages, questions): every session's records (session 0: the base
+  population), building the dataset first if needed.
+
+  A dataset on disk that does not read back (truncated or damaged record
+  files, a missing dataset_info.json) is moved aside, reported and built
+  again: it is generated from the world's seed, so nothing is lost.
+  """
+  for attempt in (0, 1):
+    path = build(data_dir, world)
+    try:
+      source = load(data_dir, world)
+      return tuple([session_records(source[split], t)
+                    for t in range(world.sessions + 1)]
+                   for split in ('passages', 'questions'))
+    except Exception as e:  # pylint: disable=broad-except
+      if attempt:
+        raise
+      aside = f'{path}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
+      log(f'the world dataset {path} does not read back ({type(e).__name__}: '
+          f'{" ".join(str(e).split())[:160]}); moved it to {aside}, building '
+          'it again.')
+      shutil.move(path, aside)
