@@ -8,7 +8,6 @@ text); tests/test_continual.py checks the code: a main-job run whose
 held-out items are replaced by garbage trains exactly the same parameters.
 """
 
-import os
 import re
 
 import numpy as np
