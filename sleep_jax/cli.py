@@ -106,12 +106,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def _config_value(argv, flag: str) -> str | None:
+  """The value of `--flag` in `argv`; the last one wins, as in absl."""
+  value = None
   for i, arg in enumerate(argv):
     if arg.startswith(f'--{flag}='):
-      return arg.split('=', 1)[1]
-    if arg == f'--{flag}' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      value = arg.split('=', 1)[1]
+    elif arg == f'--{flag}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def _flat_keys(tree, prefix='') -> list[str]:
@@ -168,19 +170,23 @@ def _parser(config_flag: str):
         root = e
         while root.__cause__ or root.__context__:
           root = root.__cause__ or root.__context__
+        path = _config_value(argv, config_flag) or default
+        example = (f', e.g. --{config_flag}={default}' if default else '')
         if str(e).startswith(f'flag --{config_flag}.'):
           message = _one_line(e)  # names the override and its value
-        elif str(e).startswith('flag --') or isinstance(root, flags.Error):
-          message = _one_line(e)
+        elif (str(e).startswith('flag --') or isinstance(e, flags.Error)) and (
+            not str(e).startswith(f'flag --{config_flag}=')):
+          message = _one_line(e)  # another flag: absl's message names it
         else:
-          path = _config_value(argv, config_flag) or default
+          # The config file itself: its own error, not ml_collections'
+          # wrapping (which inlines a traceback).
           message = f'--{config_flag}={path}: {_one_line(root)}'
           if isinstance(root, AttributeError) and 'get_config' in str(root):
             message = (f'--{config_flag}={path}: the file defines no '
                        'get_config(variant) returning the config')
           elif isinstance(root, (OSError, ImportError)):
-            message += (f'; --{config_flag} takes a path to a config file, '
-                        f'e.g. --{config_flag}={default}')
+            message += (f'; --{config_flag} takes a path to a config '
+                        f'file{example}')
       print(f'error: {message}', file=sys.stderr)
       sys.exit(2)
   return parse
@@ -210,9 +216,10 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
           config.to_dict()
       except Exception as e:  # pylint: disable=broad-except
         root = e.__cause__ or e.__context__ or e
+        default = _default_path(config_flag)
         print(f'error: --{config_flag}: {_one_line(root)}; it takes a path '
-              'to a config file, e.g. '
-              f'--{config_flag}={_default_path(config_flag)}',
+              'to a config file'
+              + (f', e.g. --{config_flag}={default}' if default else ''),
               file=sys.stderr)
         sys.exit(2)
     try:

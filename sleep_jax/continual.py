@@ -42,6 +42,7 @@ from sleep_jax import resources
 from sleep_jax import rewards
 from sleep_jax import seeding
 from sleep_jax import sharding
+from sleep_jax import training
 from sleep_jax import wake
 from sleep_jax import workdir as workdir_lib
 from sleep_jax.data.tasks import facts
@@ -115,6 +116,8 @@ def validate_config(config) -> dict[str, Any]:
     raise ValueError(f'seeds={tuple(seeds)}: must be distinct integers, at '
                      "least one; e.g. --config.seeds='(0,1,2)'.")
   seeds = [int(s) for s in seeds]
+  if min(seeds) < 0:
+    raise ValueError(f'seeds={tuple(seeds)}: seeds must be >= 0.')
   if int(config.get('divergence_steps', 10)) < 1:
     raise ValueError(f'divergence_steps={config.divergence_steps} must be >= 1.')
   sessions = int(config.sessions)
@@ -140,6 +143,8 @@ def validate_config(config) -> dict[str, Any]:
                      '>= 0 (0 turns the wake anchor off).')
   if int(config.base.train_steps) < 1 or int(config.base.batch_size) < 1:
     raise ValueError('base.train_steps and base.batch_size must be >= 1.')
+  training.make_optimizer(config.optimizer, int(config.base.train_steps),
+                          steps_key='base.train_steps')
   seeding_cfg = seeding.SeedingConfig.from_dict(config.sleep.to_dict())
   if seeding_cfg.judge == 'teacher':
     raise ValueError("sleep.judge='teacher' is not available in the main job "

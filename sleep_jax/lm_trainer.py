@@ -137,6 +137,9 @@ def train(config, workdir: str, *, stop_after: int | None = None
   Returns:
     {'step', 'loss', 'eval_loss', 'params', 'sample', ...} of the last step.
   """
+  if stop_after is not None and stop_after < 1:
+    raise ValueError(f'--stop_after={stop_after} must be >= 1 (a step '
+                     'number); leave it out to train num_train_steps.')
   model_config = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

@@ -94,7 +94,7 @@ def lm_loss(model: nn.Module, params, batch: Mapping[str, jax.Array],
 
 
 def make_optimizer(opt: Mapping[str, Any], total_steps: int,
-                   key: str = 'optimizer') -> optax.GradientTransformation:
+                   key: str = 'optimizer', steps_key: str = 'num_train_steps') -> optax.GradientTransformation:
   """AdamW with global-norm clipping and a warmup + cosine schedule.
 
   Keys: learning_rate, warmup_steps, min_lr_ratio, b1, b2, eps, weight_decay,
@@ -102,11 +102,11 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int,
   """
   lr = float(opt['learning_rate'])
   warmup = int(opt['warmup_steps'])
-  if lr <= 0:
+  if not lr > 0:  # NaN too
     raise ValueError(f'{key}.learning_rate={lr} must be positive.')
   if not 0 <= warmup <= total_steps:
     raise ValueError(f'{key}.warmup_steps={warmup} must be in [0, '
-                     f'num_train_steps={total_steps}].')
+                     f'{steps_key}={total_steps}].')
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1),

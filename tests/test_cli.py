@@ -81,6 +81,31 @@ def test_flag_errors_name_the_flag(tmp_path, args, expected):
   assert expected in _one_error_line(proc)
 
 
+@pytest.mark.parametrize('args, expected', [
+    (['--config.seeds=(-1,)'], 'seeds must be >= 0'),
+    (['--config.optimizer.learning_rate=nan'],
+     'optimizer.learning_rate=nan must be positive'),
+    (['--config.optimizer.warmup_steps=100000'], 'base.train_steps=600'),
+    (['--config=experiments/configs/continual.py:smok'],
+     "--config=experiments/configs/continual.py:smok: Unknown variant 'smok'"),
+])
+def test_values_checked_before_anything_is_built(tmp_path, args, expected):
+  proc = _continual(SMOKE, f'--workdir={tmp_path / "wd"}', *args)
+  assert proc.returncode == 2, proc.stderr
+  assert expected in _one_error_line(proc)
+  assert not os.path.exists(tmp_path / 'wd' / 'data')
+
+
+def test_train_lm_stop_after_must_be_a_step(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train_lm',
+       '--config=experiments/configs/tiny_lm.py:smoke',
+       f'--workdir={tmp_path / "wd"}', '--stop_after=-3'], cwd=ROOT,
+      env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert '--stop_after=-3 must be >= 1' in _one_error_line(proc)
+
+
 def test_unusable_workdir_is_one_line_with_status_2(tmp_path):
   """A workdir path inside a file, or a name too long for the file system."""
   inside = tmp_path / 'a_file'

@@ -9,6 +9,7 @@ import struct
 import gguf
 import pytest
 from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
 from sleep_jax.checkpoints import hf
 from sleep_jax.checkpoints.gguf import load_gguf
@@ -268,3 +269,44 @@ def test_gguf_tensor_type_gguf_cannot_dequantize(tmp_path, good_gguf):
   struct.pack_into('<I', patched, type_at, types.I32)
   _load_bytes(tmp_path, bytes(patched),
               "cannot read tensor 'output_norm.weight'", 'NotImplementedError')
+
+
+def test_weights_for_more_layers_than_config_json_are_refused(tmp_path):
+  """config.json saying fewer layers than the weights hold would load a
+  truncated model without a word: the unread tensors are named instead."""
+  path = _copy(tmp_path, 'hf_llama')
+  config_path = os.path.join(path, 'config.json')
+  with open(config_path) as f:
+    config = json.load(f)
+  config['num_hidden_layers'] -= 1
+  with open(config_path, 'w') as f:
+    json.dump(config, f)
+  with pytest.raises(hf.CheckpointError) as error:
+    hf.load_hf_checkpoint(path)
+  message = str(error.value)
+  assert '\n' not in message and 'map onto no parameter' in message
+  assert f'model.layers.{config["num_hidden_layers"]}.' in message
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+  path = _copy(tmp_path, 'hf_llama')
+  file = os.path.join(path, 'model.safetensors')
+  tensors = load_file(file)
+  tensors['model.norm.weight'][:] = float('nan')
+  save_file(tensors, file)
+  with pytest.raises(hf.CheckpointError,
+                     match=r"'model.norm.weight' holds NaN or inf"):
+    hf.load_hf_checkpoint(path)
+
+
+def test_a_file_for_a_directory_and_the_reverse_say_which_loader(tmp_path):
+  path = _copy(tmp_path, 'hf_llama')
+  with pytest.raises(hf.CheckpointError, match='is a file: pass the directory'):
+    hf.load_hf_checkpoint(os.path.join(path, 'model.safetensors'))
+  gguf_path = str(tmp_path / 'model.gguf')
+  _write_gguf_from_hf(os.path.join(DATA, 'hf_llama'), gguf_path)
+  with pytest.raises(hf.CheckpointError, match='load_gguf'):
+    hf.load_hf_checkpoint(gguf_path)
+  with pytest.raises(hf.CheckpointError, match='is a directory.*'
+                     'load_hf_checkpoint'):
+    load_gguf(path)

@@ -135,6 +135,10 @@ def load_gguf(path: str, *, mesh: jax.sharding.Mesh | None = None,
   from gguf import GGUFReader
   from gguf.quants import dequantize
 
+  if os.path.isdir(path):
+    raise CheckpointError(f'{path} is a directory: load_gguf needs the path '
+                          'of a .gguf file (a Hugging Face checkpoint '
+                          'directory loads with load_hf_checkpoint).')
   if not os.path.isfile(path):
     raise CheckpointError(f'{path} not found: load_gguf needs the path of a '
                           '.gguf file.')

@@ -292,6 +292,12 @@ def _weight_map(path: str) -> dict[str, str]:
 
 
 def load_hf_config(path: str) -> TransformerConfig:
+  if os.path.isfile(path):
+    raise CheckpointError(
+        f'{path} is a file: pass the directory holding config.json and '
+        '*.safetensors' + (' (a .gguf file loads with sleep_jax.checkpoints.'
+                           'gguf.load_gguf)' if path.endswith('.gguf') else '')
+        + '.')
   config_path = os.path.join(path, 'config.json')
   if not os.path.exists(config_path):
     raise CheckpointError(f'{config_path} not found: a Hugging Face checkpoint '
@@ -323,8 +329,10 @@ def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
     config = dataclasses.replace(config, **config_overrides)
   weight_map = _weight_map(path)
   open_files: dict[str, Any] = {}
+  used = set()
 
   def lookup(name: str):
+    used.add(name)
     file = weight_map.get(name)
     if file is None:
       return None, sorted(set(os.path.basename(f) for f in weight_map.values()))
@@ -338,6 +346,16 @@ def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
     params = place_params(config, lookup, where=path, mesh=mesh, rules=rules)
   finally:
     open_files.clear()
+  # Tensors no parameter reads mean config.json describes a smaller model
+  # than the weights hold (e.g. fewer layers): refuse, not truncate.
+  unused = sorted(n for n in set(weight_map) - used
+                  if not n.endswith('rotary_emb.inv_freq') and not (
+                      n == 'lm_head.weight' and config.tie_embeddings))
+  if unused:
+    raise CheckpointError(
+        f'{path}: {len(unused)} tensors map onto no parameter of the model '
+        f'config.json describes (e.g. {unused[:3]}); a size in config.json '
+        '(num_hidden_layers, ...) does not match the weights.')
   return config, params
 
 
@@ -382,8 +400,13 @@ def place_params(config: TransformerConfig, lookup, *, where: str,
           file, f'cannot read tensor {source.name!r}',
           'convert it to float32/float16/bfloat16, or download it again if '
           'it is corrupt'):
-        return np.asarray(_read_block(sliceable, source.kind, leaf.shape, idx),
-                          np.float32)
+        block = np.asarray(_read_block(sliceable, source.kind, leaf.shape,
+                                       idx), np.float32)
+      if not np.isfinite(block).all():
+        raise CheckpointError(
+            f'{file}: tensor {source.name!r} holds NaN or inf values; the '
+            'file is damaged or was saved from a diverged run.')
+      return block
 
     return jax.make_array_from_callback(leaf.shape, sharding, read)
 
