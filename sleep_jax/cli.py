@@ -73,10 +73,7 @@ def define_config(entry_file: str, name: str | None):
   except Exception as e:  # pylint: disable=broad-except
     if _traceback_asked(sys.argv):
       raise
-    message = _unknown_override(sys.argv, 'config', default) or (
-        f'{_one_line(e)}; overrides look like '
-        '--config.model.cms_levels[0].width=8')
-    print(f'error: {message}', file=sys.stderr)
+    print(f'error: {_flag_error(e, sys.argv, "config")}', file=sys.stderr)
     sys.exit(2)
 
 
@@ -157,6 +154,45 @@ def _unknown_override(argv, flag: str, default: str | None) -> str | None:
   return None
 
 
+def _flag_error(e: BaseException, argv, config_flag: str) -> str:
+  """One line for an error raised while reading the command line."""
+  default = _default_path(config_flag)
+  message = _unknown_override(argv, config_flag, default)
+  if message is not None:
+    return message
+  chain = [e]
+  while chain[-1].__cause__ or chain[-1].__context__:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  root = chain[-1]
+  path = _config_value(argv, config_flag) or default
+  text = str(e)
+  if text.startswith(f'flag --{config_flag}.') or (
+      'not supported for overriding' in text):
+    if 'not supported for overriding' in text:
+      field = re.search(r'field (\S+) is', text)
+      return (f'{field.group(1) if field else "that field"} is a list, which '
+              'cannot be given whole on the command line: override the '
+              f'fields of its items (e.g. --{config_flag}.model.cms_levels[0]'
+              '.width=64), or set it in the config file or a variant')
+    return _one_line(e)  # names the override and its value
+  if any(isinstance(x, flags.DuplicateFlagError) for x in chain):
+    return (f'--{config_flag}={path}: not a config file (it defines '
+            'command-line flags); a config file defines get_config(variant)')
+  if (text.startswith('flag --') or isinstance(e, flags.Error)) and (
+      not text.startswith(f'flag --{config_flag}=')):
+    return _one_line(e)  # another flag: absl's message names it
+  # The config file itself: its own error, not ml_collections' wrapping
+  # (which inlines a traceback).
+  if isinstance(root, AttributeError) and 'get_config' in str(root):
+    return (f'--{config_flag}={path}: the file defines no get_config(variant) '
+            'returning the config')
+  message = f'--{config_flag}={path}: {_one_line(root)}'
+  if isinstance(root, (OSError, ImportError)):
+    message += f'; --{config_flag} takes a path to a config file' + (
+        f', e.g. --{config_flag}={default}' if default else '')
+  return message
+
+
 def _parser(config_flag: str):
   def parse(argv):
     try:
@@ -164,30 +200,7 @@ def _parser(config_flag: str):
     except Exception as e:  # pylint: disable=broad-except
       if _traceback_asked(argv):
         raise
-      default = _default_path(config_flag)
-      message = _unknown_override(argv, config_flag, default)
-      if message is None:
-        root = e
-        while root.__cause__ or root.__context__:
-          root = root.__cause__ or root.__context__
-        path = _config_value(argv, config_flag) or default
-        example = (f', e.g. --{config_flag}={default}' if default else '')
-        if str(e).startswith(f'flag --{config_flag}.'):
-          message = _one_line(e)  # names the override and its value
-        elif (str(e).startswith('flag --') or isinstance(e, flags.Error)) and (
-            not str(e).startswith(f'flag --{config_flag}=')):
-          message = _one_line(e)  # another flag: absl's message names it
-        else:
-          # The config file itself: its own error, not ml_collections'
-          # wrapping (which inlines a traceback).
-          message = f'--{config_flag}={path}: {_one_line(root)}'
-          if isinstance(root, AttributeError) and 'get_config' in str(root):
-            message = (f'--{config_flag}={path}: the file defines no '
-                       'get_config(variant) returning the config')
-          elif isinstance(root, (OSError, ImportError)):
-            message += (f'; --{config_flag} takes a path to a config '
-                        f'file{example}')
-      print(f'error: {message}', file=sys.stderr)
+      print(f'error: {_flag_error(e, argv, config_flag)}', file=sys.stderr)
       sys.exit(2)
   return parse
 

@@ -72,6 +72,12 @@ def test_unknown_key_names_the_closest_one(tmp_path):
      'did you mean model.cms_levels[0].width'),
     # A stray positional argument.
     (['extra'], "Unexpected arguments: ['extra']"),
+    # A whole list, which ml_collections cannot parse.
+    (["--config.model.cms_levels=[1,2]"],
+     'config.model.cms_levels is a list, which cannot be given whole'),
+    # A Python file that is not a config file.
+    (['--config=sleep_jax/cli.py'],
+     '--config=sleep_jax/cli.py: not a config file'),
 ])
 def test_flag_errors_name_the_flag(tmp_path, args, expected):
   """Errors absl and ml_collections raise while reading the command line
