@@ -31,7 +31,6 @@ from absl import logging
 from ml_collections import config_flags
 
 from sleep_jax import workdir as workdir_lib
-from sleep_jax.checkpoints.integrity import CorruptCheckpointError
 
 _TRACEBACK_ENV = 'SLEEP_JAX_TRACEBACK'
 _TRACEBACK = flags.DEFINE_bool(
@@ -266,6 +265,8 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
               'space and run the same command again: it resumes from the '
               'last whole checkpoint.', file=sys.stderr)
         sys.exit(1)
+      # Imported here: a flag error should not wait for JAX to load.
+      from sleep_jax.checkpoints.integrity import CorruptCheckpointError  # pylint: disable=g-import-not-at-top
       if isinstance(e, (RunFailed, FloatingPointError, CorruptCheckpointError,
                         workdir_lib.WorkdirBusy)):
         print(f'error: {_one_line(e)}', file=sys.stderr)

@@ -20,8 +20,6 @@ import fcntl
 import json
 import os
 
-import jax
-
 _LOCK = '.lock'
 _IDENTITY = 'run.json'
 
@@ -62,6 +60,7 @@ def lock(workdir: str):
   """Holds `<workdir>/.lock` for the duration (process 0 only: on a pod the
   other processes do not write to the workdir)."""
   prepare(workdir)
+  import jax  # pylint: disable=g-import-not-at-top  (flag errors skip it)
   if jax.process_index() != 0:
     yield
     return
