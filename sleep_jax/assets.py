@@ -14,7 +14,6 @@ second fetch is a no-op.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import subprocess
@@ -70,14 +69,6 @@ def cache_dir() -> str:
                         os.path.join(os.path.expanduser('~'), '.cache', 'sleep_jax'))
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _asset(name: str) -> Asset:
   if name not in ASSETS:
     raise AssetError(f'Unknown asset {name!r}; available: {sorted(ASSETS)}.')
@@ -108,7 +99,9 @@ def fetch(name: str, *, verbose: bool = True) -> str:
     if os.path.exists(target):
       shutil.rmtree(target)
     os.replace(target + '.partial', target)
-  found = _sha256(file)
+  # Imported here: the checkpoints package loads JAX and Flax.
+  from sleep_jax.checkpoints.integrity import file_sha256  # pylint: disable=g-import-not-at-top
+  found = file_sha256(file)
   if found != asset.sha256:
     raise AssetError(f'{file}: SHA-256 {found} does not match the expected '
                      f'{asset.sha256}; delete {target} and fetch again.')

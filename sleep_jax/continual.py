@@ -602,13 +602,9 @@ def _earlier_results(path: str, log) -> dict | None:
   if not os.path.exists(path):
     return None
   try:
-    with open(path) as f:
-      earlier = json.load(f)
-    if not isinstance(earlier, dict):
-      raise ValueError('not a JSON object')
-    return earlier
+    return metrics_lib.read_json(path)
   except ValueError as e:
-    log(f'{path} does not read back ({e}).')
+    log(f'{e}.')
     metrics_lib.set_aside(path, log)
     return None
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from typing import Callable
 
 import jax
@@ -190,31 +189,17 @@ def _read_checksums(directory: str, strict: bool = True) -> dict:
   if not os.path.exists(path):
     return {}
   try:
-    with open(path) as f:
-      value = json.load(f)
-    if not isinstance(value, dict):
-      raise ValueError('not a JSON object')
-    return value
-  except (OSError, ValueError) as e:
+    return metrics_lib.read_json(path)
+  except ValueError as e:
     if not strict:
       return {}
-    raise integrity.CorruptCheckpointError(
-        f'{path} does not read back ({e})') from e
+    raise integrity.CorruptCheckpointError(str(e)) from e
 
 
 def _record_checksums(directory: str, **entries) -> None:
   metrics_lib.write_json(_checksums_path(directory),
                          {**_read_checksums(directory, strict=False),
                           **entries})
-
-
-def _move_aside(path: str, why: str, log) -> None:
-  aside = stem = f'{path}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
-  n = 1
-  while os.path.exists(aside):  # two within one second
-    aside, n = f'{stem}.{n}', n + 1
-  log(f'{path} is damaged ({why}); moved it to {aside} and building it again.')
-  shutil.move(path, aside)
 
 
 def checked_file(directory: str, name: str, log=print) -> bool:
@@ -228,14 +213,15 @@ def checked_file(directory: str, name: str, log=print) -> bool:
   try:
     recorded = _read_checksums(directory).get('files', {})
   except integrity.CorruptCheckpointError as e:
-    _move_aside(directory, str(e), log)
+    metrics_lib.set_aside(directory, log, 'bad', str(e))
     os.makedirs(directory)
     return False
   digest = integrity.file_sha256(path)
   if name not in recorded:
     record_file(directory, name)
   elif recorded[name] != digest:
-    _move_aside(directory, f'{name} does not match its checksum', log)
+    metrics_lib.set_aside(directory, log, 'bad',
+                          f'{name} does not match its checksum')
     os.makedirs(directory)
     return False
   return True
@@ -271,8 +257,9 @@ def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
           _record_checksums(directory, arrays=integrity.checksums(restored))
         return restored['params'], restored['model_state']
       except Exception as e:  # pylint: disable=broad-except
-        _move_aside(path, f'{type(e).__name__}: {" ".join(str(e).split())[:160]}',
-                    log)
+        metrics_lib.set_aside(
+            path, log, 'bad',
+            f'{type(e).__name__}: {" ".join(str(e).split())[:160]}')
     params, model_state = jax.device_get(train())
     tree = {'params': params, 'model_state': model_state}
     # What a save cut short (a full disk, a kill) left behind.

@@ -23,17 +23,34 @@ def write_json(path: str, value) -> None:
   os.replace(tmp, path)
 
 
-def set_aside(path: str, log=print) -> str | None:
-  """Renames an existing `path` to `path.earlier-<time>` (returned), so a
-  run about to rewrite it piece by piece cannot lose an earlier complete one."""
+def read_json(path: str) -> dict:
+  """The JSON object in `path`; ValueError naming the file if it does not
+  read back as one (cut short by a full disk or a kill)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path} does not read back ({e})') from e
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} does not read back (not a JSON object)')
+  return value
+
+
+def set_aside(path: str, log=print, label: str = 'earlier',
+              why: str | None = None) -> str | None:
+  """Renames an existing file or directory `path` to `path.<label>-<time>`
+  (returned): nothing a run replaces (an earlier complete result, a damaged
+  cache) is ever deleted."""
   if not os.path.exists(path):
     return None
-  aside = stem = f"{path}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+  aside = stem = f"{path}.{label}-{time.strftime('%Y%m%d-%H%M%S')}"
   n = 1
   while os.path.exists(aside):  # two set aside within one second
     aside, n = f'{stem}.{n}', n + 1
   os.replace(path, aside)
-  log(f'moved the earlier {os.path.basename(path)} to {aside}')
+  log(f'{path} is damaged ({why}); moved it to {aside} and building it '
+      'again.' if why else
+      f'moved the earlier {os.path.basename(path)} to {aside}')
   return aside
 
 

@@ -99,10 +99,10 @@ def _differences(old, new, prefix='') -> list[str]:
 
 
 def _recorded(path: str) -> dict | None:
+  # Imported here, like jax in lock(): flag errors skip loading JAX.
+  from sleep_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   try:
-    with open(path, encoding='utf-8') as f:
-      value = json.load(f)
-    return value if isinstance(value, dict) else None
+    return metrics_lib.read_json(path)
   except (OSError, ValueError):
     return None
 

@@ -22,15 +22,14 @@ import contextlib
 import dataclasses
 import io
 import os
-import shutil
 import sys
-import time
 
 from absl import logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sleep_jax import metrics as metrics_lib
 from sleep_jax.data.tasks import facts
 
 
@@ -173,8 +172,6 @@ def read_sessions(data_dir: str, world: WorldConfig, log=print):
     except Exception as e:  # pylint: disable=broad-except
       if attempt:
         raise
-      aside = f'{path}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
-      log(f'the world dataset {path} does not read back ({type(e).__name__}: '
-          f'{" ".join(str(e).split())[:160]}); moved it to {aside}, building '
-          'it again.')
-      shutil.move(path, aside)
+      metrics_lib.set_aside(
+          path, log, 'bad', f'the world dataset does not read back: '
+          f'{type(e).__name__}: {" ".join(str(e).split())[:160]}')
