@@ -18,8 +18,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   sharding.maybe_initialize_distributed()
-  from sleep_jax import dreaming_study  # after distributed init, by design
-  dreaming_study.run(_CONFIG.value, _WORKDIR.value)
+  from sleep_jax.studies import dreaming as study  # after distributed init
+  study.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -18,8 +18,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   sharding.maybe_initialize_distributed()
-  from sleep_jax import seeding_study  # after distributed init, by design
-  seeding_study.run(_CONFIG.value, _WORKDIR.value)
+  from sleep_jax.studies import seeding as study  # after distributed init
+  study.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

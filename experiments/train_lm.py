@@ -1,7 +1,7 @@
 r"""Trains a language model from an ml_collections config.
 
-    python -m experiments.train_lm --config=experiments/configs/tiny_lm.py \
-        --workdir=/tmp/tiny_lm [--config.num_train_steps=100 ...]
+    python -m experiments.train_lm --config=experiments/configs/train_lm.py \
+        --workdir=/tmp/train_lm [--config.num_train_steps=100 ...]
 
 Re-running the same command resumes from the latest checkpoint in --workdir.
 """
@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   sharding.maybe_initialize_distributed()
-  from sleep_jax import lm_trainer  # after distributed init, by design
+  from sleep_jax import lm_trainer  # after distributed init
   lm_trainer.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
 
 

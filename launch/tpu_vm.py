@@ -7,7 +7,7 @@ copy-pasted) and, unless --dry-run, executes it. Example for a v5e-16 pod
     python launch/tpu_vm.py create --name=lm --zone=us-central2-b --spot
     python launch/tpu_vm.py setup --name=lm --zone=us-central2-b
     python launch/tpu_vm.py run --name=lm --zone=us-central2-b -- \
-        experiments.train_lm --config=experiments/configs/tiny_lm.py \
+        experiments.train_lm --config=experiments/configs/train_lm.py \
         --workdir=/mnt/shared/run
     python launch/tpu_vm.py delete --name=lm --zone=us-central2-b
 

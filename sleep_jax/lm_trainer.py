@@ -129,7 +129,7 @@ def train(config, workdir: str, *, stop_after: int | None = None
   """Trains (or resumes) the LM described by `config` in `workdir`.
 
   Args:
-    config: an ml_collections ConfigDict (see experiments/configs/tiny_lm.py).
+    config: an ml_collections ConfigDict (see experiments/configs/train_lm.py).
     workdir: output directory; resumed from if it holds checkpoints.
     stop_after: stop (with a checkpoint) once this step is reached, as a
       preempted job would; the schedule still follows num_train_steps.

@@ -105,7 +105,7 @@ def test_values_checked_before_anything_is_built(tmp_path, args, expected):
 def test_train_lm_stop_after_must_be_a_step(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.train_lm',
-       '--config=experiments/configs/tiny_lm.py:smoke',
+       '--config=experiments/configs/train_lm.py:smoke',
        f'--workdir={tmp_path / "wd"}', '--stop_after=-3'], cwd=ROOT,
       env=_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr

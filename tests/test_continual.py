@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import continual as continual_config
-from sleep_jax import continual
+from sleep_jax.studies import continual
 from sleep_jax import lifecycle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,7 +320,7 @@ _POISONED_RUN = """
 import numpy as np
 from absl import app
 from experiments import continual as main
-from sleep_jax import continual
+from sleep_jax.studies import continual
 from sleep_jax import eval as eval_lib
 
 load, recall = continual.load_world, eval_lib.recall_accuracy

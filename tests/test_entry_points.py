@@ -25,7 +25,7 @@ def test_train_lm_smoke_with_overrides_then_resume(tmp_path,
                                                    compilation_cache):
   workdir = str(tmp_path / 'run')
   args = ['experiments.train_lm',
-          '--config=experiments/configs/tiny_lm.py:smoke', f'--workdir={workdir}',
+          '--config=experiments/configs/train_lm.py:smoke', f'--workdir={workdir}',
           '--config.num_train_steps=4', '--config.data.num_documents=300',
           '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
           '--config.optimizer.warmup_steps=1']
@@ -46,7 +46,7 @@ def test_train_lm_smoke_with_overrides_then_resume(tmp_path,
 
 def test_train_lm_bad_override_names_the_key(tmp_path):
   proc = _run('experiments.train_lm',
-              '--config=experiments/configs/tiny_lm.py:smoke',
+              '--config=experiments/configs/train_lm.py:smoke',
               f'--workdir={tmp_path / "bad"}', '--config.model.num_kv_heads=3',
               check=False)
   assert proc.returncode != 0
@@ -109,15 +109,15 @@ def test_cms_recall_smoke_writes_results(tmp_path, compilation_cache):
   assert rerun['base_recall'] == results['base_recall']
 
 
-def test_tiny_lm_cms_variants_and_bad_levels_fail_early():
-  from experiments.configs import tiny_lm
+def test_train_lm_cms_variants_and_bad_levels_fail_early():
+  from experiments.configs import train_lm as train_lm_config
   from sleep_jax import lm_trainer
   for n in (2, 3, 4):
-    config = tiny_lm.get_config(f'smoke,cms{n}')
+    config = train_lm_config.get_config(f'smoke,cms{n}')
     model_config = lm_trainer.validate_config(config)
     assert len(model_config.cms_levels) == n
     assert [l.chunk_size for l in model_config.cms_levels] == [4 ** i for i in range(n)]
-  config = tiny_lm.get_config('cms3')
+  config = train_lm_config.get_config('cms3')
   config.model.cms_levels[1]['chunk_size'] = 3
   with pytest.raises(ValueError, match=r'model.cms_levels\[1\].chunk_size=3'):
     lm_trainer.validate_config(config)
@@ -198,7 +198,7 @@ def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
 
 def test_dreaming_study_keeps_earlier_runs_only_of_the_same_base(tmp_path):
   from experiments.configs import dreaming as dreaming_config
-  from sleep_jax import dreaming_study
+  from sleep_jax.studies import dreaming as dreaming_study
   from sleep_jax import metrics
   config = dreaming_config.get_config('smoke')
   path = str(tmp_path / 'results.json')
@@ -240,7 +240,7 @@ def test_dreaming_study_keeps_earlier_runs_only_of_the_same_base(tmp_path):
 ])
 def test_dreaming_study_config_checks(overrides, message):
   from experiments.configs import dreaming as dreaming_config
-  from sleep_jax import dreaming_study
+  from sleep_jax.studies import dreaming as dreaming_study
   config = dreaming_config.get_config()
   config.update(overrides)
   with pytest.raises(ValueError, match=message):
@@ -253,7 +253,7 @@ def test_study_default_configs_fit_their_world(study):
   every passage and question row fits data.seq_len (the smoke variants the
   other tests run are not the defaults users run)."""
   import importlib
-  from sleep_jax import fact_world
+  from sleep_jax.studies import fact_world
   config = importlib.import_module(f'experiments.configs.{study}').get_config()
   world = fact_world.build(config)
   for people in [world.base, *world.sessions]:

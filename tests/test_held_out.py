@@ -1,6 +1,6 @@
 """No held-out item reaches any training, reward or selection path.
 
-Every person's questions are split (sleep_jax.data.tasks.facts): held-out
+Every person's questions are split (sleep_jax.studies.facts): held-out
 forms are never written in a passage about them and only the final
 evaluation asks them; probe forms are the only items a reward (dreaming's
 tau) may score. These tests check the split in the data (by id and by
@@ -13,10 +13,10 @@ import re
 import numpy as np
 
 from experiments.configs import continual as continual_config
-from sleep_jax import continual
-from sleep_jax import fact_world
-from sleep_jax.data.tasks import facts
-from sleep_jax.data.tasks import world_tfds
+from sleep_jax.studies import continual
+from sleep_jax.studies import fact_world
+from sleep_jax.studies import facts
+from sleep_jax.studies import world_tfds
 
 WORLD = world_tfds.WorldConfig(seed=5, base_people=6, sessions=2,
                                people_per_session=3, passages_per_person=3)
@@ -127,7 +127,7 @@ def _stack_items(items):
 def test_dreaming_study_rewards_probe_items_only():
   from experiments.configs import dreaming as dreaming_config
   from sleep_jax import dreaming
-  from sleep_jax import dreaming_study
+  from sleep_jax.studies import dreaming as dreaming_study
   config = dreaming_config.get_config('smoke')
   world = fact_world.build(config)
   session = world.sessions[0]

@@ -1,6 +1,6 @@
 """Damaged checkpoints are detected, never restored as wrong numbers:
 per-array checksums (sleep_jax.checkpoints.integrity) in the Checkpointer
-and in the base-model cache (sleep_jax.fact_world)."""
+and in the base-model cache (sleep_jax.studies.fact_world)."""
 
 import glob
 import json
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from sleep_jax import fact_world
+from sleep_jax.studies import fact_world
 from sleep_jax.checkpoints import integrity
 from sleep_jax.checkpoints.manager import Checkpointer
 

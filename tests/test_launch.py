@@ -12,7 +12,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join('launch', 'tpu_vm.py')
 COMMON = ['--name=lm', '--zone=us-central2-b']
-MODULE = ['experiments.train_lm', '--config=experiments/configs/tiny_lm.py',
+MODULE = ['experiments.train_lm', '--config=experiments/configs/train_lm.py',
           '--workdir=gs://bucket/run']
 
 
@@ -50,7 +50,7 @@ def test_run_forwards_module_and_args_to_all_workers():
   assert _dry_run('run', *COMMON, '--dry-run', '--', *MODULE) == [
       '$ gcloud compute tpus tpu-vm ssh lm --zone=us-central2-b --worker=all '
       "'--command=cd ~/sleep_jax && SLEEP_JAX_DISTRIBUTED=1 python3 -m experiments.train_lm "
-      '--config=experiments/configs/tiny_lm.py '
+      '--config=experiments/configs/train_lm.py '
       "--workdir=gs://bucket/run'",
   ]
 
@@ -83,7 +83,7 @@ def test_all_runs_create_setup_run_delete_in_order():
       "'\"'\"'jax[tpu]'\"'\"' && pip install -e .'",
       '$ gcloud compute tpus tpu-vm ssh lm --zone=us-central2-b --worker=all '
       "'--command=cd ~/sleep_jax && SLEEP_JAX_DISTRIBUTED=1 python3 -m experiments.train_lm "
-      '--config=experiments/configs/tiny_lm.py '
+      '--config=experiments/configs/train_lm.py '
       "--workdir=gs://bucket/run'",
       '$ gcloud compute tpus tpu-vm delete lm --zone=us-central2-b --quiet',
   ]

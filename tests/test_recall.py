@@ -7,7 +7,7 @@ import numpy as np
 
 from sleep_jax import eval as eval_lib
 from sleep_jax import sampling
-from sleep_jax.data.tasks import facts
+from sleep_jax.studies import facts
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
 from sleep_jax.models import Transformer, TransformerConfig
 

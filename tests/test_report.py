@@ -1,4 +1,4 @@
-"""Tests for sleep_jax.report: report.md contents and the PNG plots."""
+"""Tests for sleep_jax.studies.report: report.md contents and the PNG plots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sleep_jax import report
+from sleep_jax.studies import report
 
 # Per-seed lower-triangular accuracy matrices: 2 seeds x 3 sessions.
 _PER_SEED = {

@@ -10,8 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.configs import tiny_lm
+from experiments.configs import train_lm as train_lm_config
 from sleep_jax import lm_trainer, metrics, training
+from sleep_jax.studies import results as results_lib
 
 
 def test_next_token_loss_matches_numpy_reference():
@@ -33,7 +34,7 @@ def test_next_token_loss_matches_numpy_reference():
 
 
 def test_optimizer_schedule_and_weight_decay_mask():
-  tx, schedule = training.make_optimizer(tiny_lm.get_config().optimizer, 600)
+  tx, schedule = training.make_optimizer(train_lm_config.get_config().optimizer, 600)
   assert float(schedule(0)) == 0.0
   assert float(schedule(50)) == pytest.approx(3e-3)
   assert float(schedule(600)) == pytest.approx(3e-4)
@@ -49,7 +50,7 @@ def test_optimizer_schedule_and_weight_decay_mask():
 
 
 def _smoke_config(**overrides):
-  config = tiny_lm.get_config('smoke')
+  config = train_lm_config.get_config('smoke')
   config.data.num_documents = 400
   config.num_train_steps = 6
   config.checkpoint_every_steps = 2
@@ -151,13 +152,13 @@ def test_earlier_results_kept_only_for_the_same_settings(tmp_path):
   earlier = {'config': config.to_dict(), 'before': {'new': 0.25},
              'runs': [{'a': 1}]}
   as_json = json.loads(json.dumps(earlier))  # (8, 16) -> [8, 16]
-  assert metrics.earlier_results(str(tmp_path / 'none.json'), config, (),
+  assert results_lib.earlier_results(str(tmp_path / 'none.json'), config, (),
                                  {}) is None
   # The runs asked for differ, but they are ignored: kept, the file stays.
   config.runs = [{'a': 2}]
   path = str(tmp_path / 'results.json')
   metrics.write_json(path, earlier)
-  assert metrics.earlier_results(path, config, ('runs',),
+  assert results_lib.earlier_results(path, config, ('runs',),
                                  {'before': {'new': 0.25}}) == as_json
   assert os.listdir(tmp_path) == ['results.json']
   # Another setting, or another value measured before the runs: set aside
@@ -169,7 +170,7 @@ def test_earlier_results_kept_only_for_the_same_settings(tmp_path):
     path = str(tmp_path / str(i) / 'results.json')
     metrics.write_json(path, earlier)
     changed = ml_collections.ConfigDict(dict(config.to_dict(), **changes))
-    assert metrics.earlier_results(path, changed, ('runs',),
+    assert results_lib.earlier_results(path, changed, ('runs',),
                                    {'before': same}) is None
     aside, = os.listdir(tmp_path / str(i))
     assert aside.startswith('results.json.earlier-')
@@ -179,29 +180,29 @@ def test_earlier_results_kept_only_for_the_same_settings(tmp_path):
 def test_kept_run_matches_settings_as_json_reads_them_back():
   done = [{'sleep': {'alpha': 0.5, 'widths': [8, 16]}, 'recall': 0.7},
           {'sleep': {'alpha': 1.0, 'widths': [8]}, 'recall': 0.9}]
-  assert metrics.kept_run(done, 'sleep', {'alpha': 1.0, 'widths': (8,)}) is (
+  assert results_lib.kept_run(done, 'sleep', {'alpha': 1.0, 'widths': (8,)}) is (
       done[1])
-  assert metrics.kept_run(done, 'sleep', {'alpha': 1.0, 'widths': (16,)}) is None
+  assert results_lib.kept_run(done, 'sleep', {'alpha': 1.0, 'widths': (16,)}) is None
   asked = [{'sleep': {'alpha': 0.5, 'widths': [8, 16]}, 'recall': 0.1}]
-  assert metrics.runs_not_asked(done, asked, 'sleep') == [done[1]]
-  assert metrics.runs_not_asked(done, [], 'sleep') == done
+  assert results_lib.runs_not_asked(done, asked, 'sleep') == [done[1]]
+  assert results_lib.runs_not_asked(done, [], 'sleep') == done
 
 
 def test_base_fingerprint_survives_a_checkpoint_and_sees_any_change(tmp_path):
-  from sleep_jax import fact_world
+  from sleep_jax.studies import fact_world
   params = {'dense': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}}
   state = {'counts': np.zeros((4,), np.int32)}
   trained = fact_world.restore_or_train(str(tmp_path), lambda: (params, state))
   restored = fact_world.restore_or_train(
       str(tmp_path), lambda: pytest.fail('retrained instead of restored'))
-  mark = fact_world.fingerprint(*trained)
-  assert fact_world.fingerprint(*restored) == mark
+  mark = results_lib.fingerprint(*trained)
+  assert results_lib.fingerprint(*restored) == mark
   assert mark['backend'] == jax.default_backend()
   changed = {'dense': {'kernel': params['dense']['kernel'].copy()}}
   changed['dense']['kernel'][1, 2] += 1e-6
-  assert fact_world.fingerprint(changed, state)['sha256'] != mark['sha256']
+  assert results_lib.fingerprint(changed, state)['sha256'] != mark['sha256']
   renamed = {'dense': {'bias': params['dense']['kernel']}}
-  assert fact_world.fingerprint(renamed, state)['sha256'] != mark['sha256']
+  assert results_lib.fingerprint(renamed, state)['sha256'] != mark['sha256']
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from sleep_jax.data.tasks import facts
-from sleep_jax.data.tasks import world_tfds
+from sleep_jax.studies import facts
+from sleep_jax.studies import world_tfds
 
 WORLD = world_tfds.WorldConfig(seed=3, base_people=5, sessions=2,
                                people_per_session=2, passages_per_person=2)

@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       replay_fraction=0.5, ewc_weight=100.0, fisher_rows=64))
   # The budgets above (steps, and the experts each sleep grows) are for
   # `people` new people per session; a session of another size scales each
-  # of `scaled` in proportion (sleep_jax.continual.scaled_config; people=0:
+  # of `scaled` in proportion (sleep_jax.studies.continual.scaled_config; people=0:
   # off).
   config.capacity = ml_collections.ConfigDict(dict(
       people=16, scaled=('wake.steps', 'sleep.num_steps', 'sleep.experts',

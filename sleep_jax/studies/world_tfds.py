@@ -5,12 +5,12 @@
 access, what grain consumes) and never downloads. Two splits:
 
 * `passages`: `passages_per_person` biographies per person, each fact in a
-  randomly chosen paraphrase (sleep_jax.data.tasks.facts);
+  randomly chosen paraphrase (sleep_jax.studies.facts);
 * `questions`: the closed-book (prompt, answer) items of every person, each
   with its `item_id` and its `split`: 'held_out' (a form no passage about
   that person uses; final evaluation only) or 'probe' (a passage form; the
   only items a reward or selection signal may score). See
-  sleep_jax.data.tasks.facts.
+  sleep_jax.studies.facts.
 
 Every record carries `session`: 0 for the base population, 1..T for the
 people who arrive in session t. Same `WorldConfig` -> same bytes.
@@ -29,8 +29,8 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sleep_jax import metrics as metrics_lib
-from sleep_jax.data.tasks import facts
+from sleep_jax.studies import facts
+from sleep_jax.studies import results as results_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +172,6 @@ def read_sessions(data_dir: str, world: WorldConfig, log=print):
     except Exception as e:  # pylint: disable=broad-except
       if attempt:
         raise
-      metrics_lib.set_aside(
+      results_lib.set_aside(
           path, log, 'bad', f'the world dataset does not read back: '
           f'{type(e).__name__}: {" ".join(str(e).split())[:160]}')

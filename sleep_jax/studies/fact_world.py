@@ -1,7 +1,7 @@
 """The toy world the studies share: fictional people as token data, a base LM.
 
 `build(config)` draws the people (a base population plus sessions of new
-people, sleep_jax.data.tasks.facts), trains a SentencePiece tokenizer on
+people, sleep_jax.studies.facts), trains a SentencePiece tokenizer on
 every passage sentence of the world, and encodes what the studies need:
 passage rows for training and wake, held-out closed-book items for
 evaluation and probe items for rewards (never the other way round).
@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import hashlib
-import json
 import os
 import shutil
 from typing import Callable
@@ -38,8 +36,9 @@ from sleep_jax import sharding
 from sleep_jax import training
 from sleep_jax.checkpoints import integrity
 from sleep_jax.data import pipeline
-from sleep_jax.data.tasks import facts
+from sleep_jax.studies import facts
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
+from sleep_jax.studies import results as results_lib
 
 
 @dataclasses.dataclass
@@ -146,35 +145,13 @@ def train_base(model, config, data, mesh, rules, experts_per_level=()):
   return state.params, state.model_state
 
 
-def config_hash(tree) -> str:
-  """12 hex digits naming a JSON-able config tree (key order ignored)."""
-  return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str)
-                        .encode()).hexdigest()[:12]
-
-
 def base_dir(workdir: str, config, not_base_keys) -> str:
   """workdir/base/<config_hash of every top-level key of `config` but
   `not_base_keys`, and the world's text format>: where `restore_or_train`
   keeps that base model."""
   tree = {k: v for k, v in config.to_dict().items() if k not in not_base_keys}
-  return os.path.join(workdir, 'base', config_hash(
+  return os.path.join(workdir, 'base', results_lib.config_hash(
       {**tree, 'world_format': facts.FORMAT_VERSION}))
-
-
-def fingerprint(params, model_state) -> dict[str, str]:
-  """What identifies a base model's numbers in a study's results.json: a
-  SHA-256 of every array (restored from its checkpoint, or retrained), and
-  the backend and matmul precision that evaluate it. Recall alone cannot
-  tell two well-trained base models apart (both score 1.0)."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(
-      jax.device_get((params, model_state))):
-    leaf = np.ascontiguousarray(leaf)
-    digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}'
-                  .encode())
-    digest.update(leaf.tobytes())
-  return {'sha256': digest.hexdigest(), 'backend': jax.default_backend(),
-          'matmul_precision': str(jax.config.jax_default_matmul_precision)}
 
 
 def _checksums_path(directory: str) -> str:
@@ -213,14 +190,14 @@ def checked_file(directory: str, name: str, log=print) -> bool:
   try:
     recorded = _read_checksums(directory).get('files', {})
   except integrity.CorruptCheckpointError as e:
-    metrics_lib.set_aside(directory, log, 'bad', str(e))
+    results_lib.set_aside(directory, log, 'bad', str(e))
     os.makedirs(directory)
     return False
   digest = integrity.file_sha256(path)
   if name not in recorded:
     record_file(directory, name)
   elif recorded[name] != digest:
-    metrics_lib.set_aside(directory, log, 'bad',
+    results_lib.set_aside(directory, log, 'bad',
                           f'{name} does not match its checksum')
     os.makedirs(directory)
     return False
@@ -257,7 +234,7 @@ def restore_or_train(directory: str, train: Callable[[], tuple], log=print):
           _record_checksums(directory, arrays=integrity.checksums(restored))
         return restored['params'], restored['model_state']
       except Exception as e:  # pylint: disable=broad-except
-        metrics_lib.set_aside(
+        results_lib.set_aside(
             path, log, 'bad',
             f'{type(e).__name__}: {" ".join(str(e).split())[:160]}')
     params, model_state = jax.device_get(train())

@@ -1,6 +1,6 @@
 """The CMS wake study: do online fast levels remember facts from a stream?
 
-1. A world of fictional people (sleep_jax.data.tasks.facts). A tiny CMS LM is
+1. A world of fictional people (sleep_jax.studies.facts). A tiny CMS LM is
    trained on passages about a base population, so it knows the language of
    the world but none of the people who arrive later.
 2. Sessions of new people arrive. Each method lives through the same stream:
@@ -36,13 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import eval as eval_lib
-from sleep_jax import fact_world
+from sleep_jax.studies import fact_world
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
 from sleep_jax import wake
-from sleep_jax.data.tasks import facts
+from sleep_jax.studies import facts
 from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.studies import results as results_lib
 
 METHODS = ('frozen', 'online')
 
@@ -116,12 +117,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   wake_shardings = wake.wake_state_shardings(model, mesh, rules, example)
   wake_step = wake.compile_wake_step(model, wake_shardings, mesh, rules)
 
-  results = {'base_model': fact_world.fingerprint(params, model_state),
+  results = {'base_model': results_lib.fingerprint(params, model_state),
              'base_recall': eval_lib.recall_accuracy(model, params,
                                                      model_state, evals[-1]),
              'methods': {}, 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
-  earlier = metrics_lib.earlier_results(
+  earlier = results_lib.earlier_results(
       results_path, config, ('methods',),
       {k: results[k] for k in ('base_model', 'base_recall')}) or {}
   done = {**earlier.get('other_methods', {}), **earlier.get('methods', {})}

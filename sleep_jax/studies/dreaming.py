@@ -1,6 +1,6 @@
 """The dreaming study: can the model teach itself facts it only read?
 
-1. A world of fictional people (sleep_jax.fact_world). A tiny CMS LM learns
+1. A world of fictional people (sleep_jax.studies.fact_world). A tiny CMS LM learns
    the base population closed-book (one sentence per row, each repeated
    `stream.closed_book_repeats` times in the mix), and learns to
    *read*: documents about people met nowhere else (a passage, then one of
@@ -15,7 +15,7 @@
    isolated LoRA copy (all vmapped), runs ReST-EM on its dream LoRA, then
    rehearses the accepted dreams into the new expert only. tau scores probe
    items only; recall is reported on held-out items
-   (sleep_jax.data.tasks.facts).
+   (sleep_jax.studies.facts).
 4. Closed-book recall of the new people and of the base population, before
    and after, and the fraction of rewarded dreams per ReST-EM round.
 
@@ -46,14 +46,15 @@ import numpy as np
 
 from sleep_jax import dreaming
 from sleep_jax import eval as eval_lib
-from sleep_jax import fact_world
+from sleep_jax.studies import fact_world
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
-from sleep_jax import report
+from sleep_jax.studies import report
 from sleep_jax import sharding
-from sleep_jax.data.tasks import facts
+from sleep_jax.studies import facts
 from sleep_jax.models import Transformer, TransformerConfig
 from sleep_jax.models.config import with_overrides
+from sleep_jax.studies import results as results_lib
 
 
 def validate_config(config):
@@ -118,10 +119,10 @@ _AFTER_BASE_KEYS = ('dreaming', 'runs', 'prompt_width', 'rehearse_level')
 def _earlier_runs(results_path: str, config, results) -> list[dict]:
   """The runs of an earlier results.json in this workdir that can be kept:
   same settings apart from `runs` and `dreaming` (each run records its own
-  DreamingConfig), the same base model (`fact_world.fingerprint`) and the
+  DreamingConfig), the same base model (`results_lib.fingerprint`) and the
   same recall before dreaming. Any other earlier file is set aside whole,
   not overwritten."""
-  earlier = metrics_lib.earlier_results(
+  earlier = results_lib.earlier_results(
       results_path, config, ('runs', 'dreaming'),
       {k: results[k] for k in ('base_model', 'before')})
   if earlier is None:
@@ -161,7 +162,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       lambda: fact_world.train_base(
           model, config, data, mesh, rules,
           experts_per_level=[int(n) for n in config.base_experts]))
-  base_model = fact_world.fingerprint(params, model_state)
+  base_model = results_lib.fingerprint(params, model_state)
   level = int(config.rehearse_level)
   params, model_state, slot = growth.grow(params, model_state, level,
                                           jax.random.key(config.seed + 1))
@@ -178,11 +179,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   results['other_runs'] = done
   for cfg, tasks in zip(runs, run_tasks):
     label = _label(cfg, base_cfg)
-    settings = metrics_lib.as_json(dataclasses.asdict(cfg))
-    earlier = metrics_lib.kept_run(done, 'dreaming', settings)
+    settings = results_lib.as_json(dataclasses.asdict(cfg))
+    earlier = results_lib.kept_run(done, 'dreaming', settings)
     if earlier:
       results['runs'].append(dict(earlier, label=label))
-      results['other_runs'] = metrics_lib.runs_not_asked(
+      results['other_runs'] = results_lib.runs_not_asked(
           done, results['runs'], 'dreaming')
       metrics_lib.write_json(results_path, results)
       print(f'[{label}] kept from {results_path}', flush=True)
@@ -205,7 +206,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                       out.accepted['mask'][:8])],
              'seconds': time.perf_counter() - t0}
     results['runs'].append(entry)
-    results['other_runs'] = metrics_lib.runs_not_asked(
+    results['other_runs'] = results_lib.runs_not_asked(
         done, results['runs'], 'dreaming')
     results['seconds'] = time.perf_counter() - t_start
     metrics_lib.write_json(results_path, results)  # a later crash keeps it

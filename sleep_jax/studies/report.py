@@ -19,7 +19,7 @@ compile_seconds, still render: what the accuracy matrices give is computed
 here, the rest is shown as a dash.
 
 `plot_dreaming(results, path)` draws the dreaming study's results.json
-(sleep_jax.dreaming_study): rewarded dreams per ReST-EM round, and recall of
+(sleep_jax.studies.dreaming): rewarded dreams per ReST-EM round, and recall of
 the new and the base facts before and after, per run.
 """
 

@@ -6,7 +6,7 @@
    built or compiled;
 2. builds the world of fictional people as a TFDS dataset under
    `<workdir>/data` and reads it back with `tfds.data_source` + grain
-   (sleep_jax.data.tasks.world_tfds): passages and closed-book questions per
+   (sleep_jax.studies.world_tfds): passages and closed-book questions per
    session;
 3. trains the base model (the base population closed-book, plus reading
    documents about people met nowhere else, so that it can continue a
@@ -15,7 +15,7 @@
 4. runs every method with every seed through every session
    (sleep_jax.lifecycle), each resuming from its own checkpoints;
 5. writes results.json (docs/design.md §8), metrics.jsonl + TensorBoard
-   events, report.md and plots/ (sleep_jax.report).
+   events, report.md and plots/ (sleep_jax.studies.report).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import numpy as np
 
 from sleep_jax import dreaming
 from sleep_jax import eval as eval_lib
-from sleep_jax import fact_world
+from sleep_jax.studies import fact_world
 from sleep_jax import lifecycle
 from sleep_jax import metrics as metrics_lib
-from sleep_jax import report
+from sleep_jax.studies import report
 from sleep_jax import resources
 from sleep_jax import rewards
 from sleep_jax import seeding
@@ -45,10 +45,11 @@ from sleep_jax import sharding
 from sleep_jax import training
 from sleep_jax import wake
 from sleep_jax import workdir as workdir_lib
-from sleep_jax.data.tasks import facts
-from sleep_jax.data.tasks import world_tfds
+from sleep_jax.studies import facts
+from sleep_jax.studies import world_tfds
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
 from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.studies import results as results_lib
 
 # Keys whose values decide the base model (and the tokenizer): a change in
 # any of them trains a new one, anything else reuses it.
@@ -472,7 +473,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       raise ValueError(f'{key}={rows} must divide evenly over the '
                        f'{data_devices} data-parallel devices of the mesh; '
                        'use a multiple of it.')
-  base_dir = os.path.join(workdir, 'base', fact_world.config_hash(
+  base_dir = os.path.join(workdir, 'base', results_lib.config_hash(
       {**{k: config[k].to_dict() for k in _BASE_KEYS},
        'world_format': facts.FORMAT_VERSION, **compiler}))
   os.makedirs(base_dir, exist_ok=True)
@@ -506,10 +507,10 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
       token_ids={'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id,
                  'pad_id': tokenizer.pad_id},
       decode=tokenizer.decode, judge=judge, mesh=mesh, rules=rules,
-      lineage={'config_hash': fact_world.config_hash(config_dict),
+      lineage={'config_hash': results_lib.config_hash(config_dict),
                # What a (method, seed) run's cycles depend on: the config
                # but for which methods and seeds run alongside it.
-               'run_hash': fact_world.config_hash(
+               'run_hash': results_lib.config_hash(
                    {**{k: v for k, v in config_dict.items()
                        if k not in _NOT_RUN_KEYS},
                     'xla_optimize': optimized}),
@@ -605,7 +606,7 @@ def _earlier_results(path: str, log) -> dict | None:
     return metrics_lib.read_json(path)
   except ValueError as e:
     log(f'{e}.')
-    metrics_lib.set_aside(path, log)
+    results_lib.set_aside(path, log)
     return None
 
 

@@ -1,6 +1,6 @@
 """The Knowledge Seeding study: does consolidation move knowledge upward?
 
-1. A world of fictional people (sleep_jax.fact_world). A tiny CMS LM (a fast
+1. A world of fictional people (sleep_jax.studies.fact_world). A tiny CMS LM (a fast
    level 0 and a slow level 1) is trained on a base population.
 2. Wake: one session of new people arrives; a low-rank expert grown in the
    fast level learns their passages online (sleep_jax.wake; the dense MLPs
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import eval as eval_lib
-from sleep_jax import fact_world
+from sleep_jax.studies import fact_world
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import rewards
@@ -50,6 +50,7 @@ from sleep_jax import sharding
 from sleep_jax import wake
 from sleep_jax.models import Transformer, TransformerConfig
 from sleep_jax.models.config import with_overrides
+from sleep_jax.studies import results as results_lib
 
 
 def validate_config(config) -> tuple[TransformerConfig, list[seeding.SeedingConfig]]:
@@ -113,10 +114,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                          for k, v in evals.items()}
   cleared = growth.reset(*teacher, 0, growth.active_slots(teacher[1], 0))
   results = {'teacher': recall(*teacher), 'student_before': recall(*cleared),
-             'base_model': fact_world.fingerprint(params, model_state),
+             'base_model': results_lib.fingerprint(params, model_state),
              'chance': 1.0 / 12, 'runs': [], 'config': config.to_dict()}
   results_path = os.path.join(workdir, 'results.json')
-  earlier = metrics_lib.earlier_results(
+  earlier = results_lib.earlier_results(
       results_path, config, ('sweep', 'sleep'),
       {k: results[k] for k in ('base_model', 'teacher', 'student_before')}
   ) or {}
@@ -132,11 +133,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   judges = {}
   for cfg in runs:
     label = _label(cfg)
-    settings = metrics_lib.as_json(dataclasses.asdict(cfg))
-    kept = metrics_lib.kept_run(done, 'sleep', settings)
+    settings = results_lib.as_json(dataclasses.asdict(cfg))
+    kept = results_lib.kept_run(done, 'sleep', settings)
     if kept:
       results['runs'].append(dict(kept, label=label))
-      results['other_runs'] = metrics_lib.runs_not_asked(
+      results['other_runs'] = results_lib.runs_not_asked(
           done, results['runs'], 'sleep')
       results['seconds'] = time.perf_counter() - t_start
       metrics_lib.write_json(results_path, results)
@@ -162,7 +163,7 @@ def run(config, workdir: str) -> dict[str, Any]:
              'seconds': time.perf_counter() - t0,
              'final_metrics': out.metrics[-1]}
     results['runs'].append(entry)
-    results['other_runs'] = metrics_lib.runs_not_asked(
+    results['other_runs'] = results_lib.runs_not_asked(
         done, results['runs'], 'sleep')
     results['seconds'] = time.perf_counter() - t_start
     metrics_lib.write_json(results_path, results)  # a later crash keeps it

@@ -2,8 +2,8 @@
 
 Default (1,541,760 params, 600 steps of 16 x 128 tokens):
 
-    python -m experiments.train_lm --config=experiments/configs/tiny_lm.py \
-        --workdir=/tmp/tiny_lm
+    python -m experiments.train_lm --config=experiments/configs/train_lm.py \
+        --workdir=/tmp/train_lm
 
   Expected on a 2-core CPU: ~4.5 minutes (2.3 steps/s); final train loss
   ~0.75, eval loss ~0.76 (measured: 0.750 / 0.761); greedy sample for
@@ -13,7 +13,7 @@ Default (1,541,760 params, 600 steps of 16 x 128 tokens):
 Smoke (106,816 params, 20 steps; for CI and for checking a setup):
 
     python -m experiments.train_lm \
-        --config=experiments/configs/tiny_lm.py:smoke --workdir=/tmp/smoke
+        --config=experiments/configs/train_lm.py:smoke --workdir=/tmp/smoke
 
   Expected: ~10 seconds on CPU, most of it compiling; loss falls from ~6.3
   (step 5) to ~4.6 (step 20), eval loss ~4.6.
@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = [v for v in (arg or '').split(',') if v]
   unknown = [v for v in variants if v not in ('smoke', 'cms2', 'cms3', 'cms4')]
   if unknown:
-    raise ValueError(f'Unknown variant(s) {unknown} of tiny_lm.py; valid: "" '
+    raise ValueError(f'Unknown variant(s) {unknown} of train_lm.py; valid: "" '
                      '(default), "smoke", "cms2", "cms3", "cms4" '
                      '(comma-separated, e.g. "smoke,cms3").')
   for variant in variants:
