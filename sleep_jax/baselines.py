@@ -24,6 +24,7 @@ them at exactly zero, so growth state stays meaningful under fine-tuning.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -35,10 +36,72 @@ import optax
 from sleep_jax import sampling
 from sleep_jax.divergences import generalized_jsd
 from sleep_jax.models import lora
+from sleep_jax.models.config import dataclass_from_dict
 from sleep_jax.models.layers import LORA_COLLECTION
 from sleep_jax.models.transformer import variables
 from sleep_jax.sequences import join
 from sleep_jax.training import next_token_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+  """The baselines' knobs (config keys `baselines.<field>`); their learning
+  rates are the validation-world sweep's choice (experiments/configs/
+  continual.py, experiments/results/continual.md).
+  `<method>_learning_rate` is the rate of each fine-tuning method;
+  anchor_*: `finetune_anchor`'s self-distillation term (weight, BOS samples
+  per step and their length)."""
+  finetune_learning_rate: float = 3e-5
+  finetune_anchor_learning_rate: float = 3e-4
+  finetune_compute_learning_rate: float = 1e-5
+  lora_learning_rate: float = 3e-5
+  replay_learning_rate: float = 1e-4
+  replay_all_learning_rate: float = 1e-3
+  ewc_learning_rate: float = 3e-5
+  anchor_weight: float = 10.0
+  anchor_batch_size: int = 8
+  anchor_max_new_tokens: int = 16
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_targets: tuple = lora.ALL_KERNELS
+  replay_fraction: float = 0.5
+  ewc_weight: float = 100.0
+  fisher_rows: int = 64
+
+  def __post_init__(self):
+    for name in ('finetune_learning_rate', 'finetune_anchor_learning_rate',
+                 'finetune_compute_learning_rate', 'lora_learning_rate',
+                 'replay_learning_rate', 'replay_all_learning_rate',
+                 'ewc_learning_rate', 'lora_alpha'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'baselines.{name}={getattr(self, name)} must be > 0.')
+    if not 0 < self.replay_fraction < 1:
+      raise ValueError(f'baselines.replay_fraction={self.replay_fraction} '
+                       'must be in (0, 1).')
+    if self.anchor_weight < 0:
+      raise ValueError(f'baselines.anchor_weight={self.anchor_weight} must '
+                       'be >= 0 (0 = no anchor term).')
+    for name in ('anchor_batch_size', 'anchor_max_new_tokens'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'baselines.{name}={getattr(self, name)} must be '
+                         '>= 1.')
+    if self.ewc_weight < 0 or self.fisher_rows < 1:
+      raise ValueError('baselines.ewc_weight must be >= 0 and '
+                       'baselines.fisher_rows >= 1; got '
+                       f'{self.ewc_weight}, {self.fisher_rows}.')
+    self.lora  # validates rank / targets
+
+  @property
+  def lora(self) -> lora.LoraConfig:
+    return lora.LoraConfig(self.lora_rank, self.lora_alpha,
+                           lora.hashable_targets(self.lora_targets))
+
+  @classmethod
+  def from_dict(cls, values, key: str = 'baselines'):
+    values = dict(values)
+    if 'lora_targets' in values:
+      values['lora_targets'] = lora.hashable_targets(values['lora_targets'])
+    return dataclass_from_dict(cls, values, key)
 
 
 def draw_batches(rows: dict, steps: int, batch_size: int,

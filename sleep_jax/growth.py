@@ -217,3 +217,18 @@ def masked_optimizer(tx: optax.GradientTransformation, mask
                         mask, is_leaf=lambda x: x is False)
   return optax.multi_transform(
       {'trainable': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def params_in_use(params, model_state) -> int:
+  """Parameters that take part in the forward pass: masked-off expert slots
+  do not count. (`cms.active_param_count` counts the CMS levels' active
+  parameters from the config alone.)"""
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  masks = model_state.get(cms.CMS_COLLECTION, {})
+  for level in range(len(masks)):
+    inactive_E = ~np.asarray(masks[cms.level_name(level)])
+    mask = expert_mask(params, level, inactive_E)
+    total -= sum(int(np.sum(np.broadcast_to(m, np.shape(x))))
+                 for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(params))
+                 if m is not False)
+  return total

@@ -21,8 +21,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import continual as continual_config
+from sleep_jax import methods
 from sleep_jax.studies import continual
-from sleep_jax import lifecycle
+from sleep_jax.studies import continual_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = '--config=experiments/configs/continual.py:smoke'
@@ -99,7 +100,7 @@ def _copy_of(reference_dir, tmp_path, parts=None):
 def test_smoke_writes_every_output(reference):
   workdir, stdout = reference
   results = json.load(open(os.path.join(workdir, 'results.json')))
-  assert list(results['methods']) == list(lifecycle.METHODS)
+  assert list(results['methods']) == list(methods.METHODS)
   assert results['seeds'] == [0, 1] and results['config']['sessions'] == 2
   for name, entry in results['methods'].items():
     matrix = entry['acc_matrix']
@@ -135,8 +136,8 @@ def test_smoke_writes_every_output(reference):
     expected = {'seal': [], 'no_consolidation': ['wake']}.get(name)
     if expected is None:
       expected = (['wake'] + (['consolidation'] if
-                              lifecycle.METHODS[name].consolidate else []) +
-                  (['dreaming'] if lifecycle.METHODS[name].dream else []))
+                              methods.METHODS[name].consolidates else []) +
+                  (['dreaming'] if methods.METHODS[name].dreams else []))
     if name == 'seal':
       expected = ['dreaming']
     assert list(stages) == expected, name
@@ -152,7 +153,7 @@ def test_smoke_writes_every_output(reference):
              for c in run['cycles']]
     assert np.mean(probe) > 2.5 * chance, (name, probe)
   # The compute-matched baseline runs as many rows as a Sleep cycle.
-  assert results['finetune_compute_steps'] == -(-continual.sleep_training_rows(
+  assert results['finetune_compute_steps'] == -(-continual_checks.sleep_training_rows(
       continual_config.get_config('smoke'), 4) // 8)
   # Sleep grows one slow expert per session; fine-tuning grows nothing.
   sleep_params = results['methods']['sleep']['params']
@@ -162,7 +163,7 @@ def test_smoke_writes_every_output(reference):
   report = open(os.path.join(workdir, 'report.md')).read()
   assert 'Continual fine-tuning' in report and 'Sleep w/o LTI' in report
   plots = sorted(os.listdir(os.path.join(workdir, 'plots')))
-  assert len(plots) == 2 * len(lifecycle.METHODS) + 1 and 'methods.png' in plots
+  assert len(plots) == 2 * len(methods.METHODS) + 1 and 'methods.png' in plots
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert any('sleep/seed1/acc_session1' in r for r in rows)
   assert any(f.startswith('events.out.tfevents') for f in
@@ -180,10 +181,10 @@ def test_smoke_writes_every_output(reference):
   assert 'ks_loss' in lineage['sleep_metrics']
   assert 'training the base model' in stdout
   assert results['finished'] and results['config']['smoke']
-  assert len(results['complete']) == 2 * len(lifecycle.METHODS)
+  assert len(results['complete']) == 2 * len(methods.METHODS)
   assert 'Smoke configuration' in report
-  assert stdout.count('ETA') >= 2 * 2 * len(lifecycle.METHODS)
-  assert f'job {2 * 2 * len(lifecycle.METHODS)}/' in stdout
+  assert stdout.count('ETA') >= 2 * 2 * len(methods.METHODS)
+  assert f'job {2 * 2 * len(methods.METHODS)}/' in stdout
 
 
 def test_rerun_keeps_other_results_and_refuses_another_config(reference, env,
@@ -321,6 +322,7 @@ import numpy as np
 from absl import app
 from experiments import continual as main
 from sleep_jax.studies import continual
+from sleep_jax.studies import continual_checks
 from sleep_jax import eval as eval_lib
 
 load, recall = continual.load_world, eval_lib.recall_accuracy
@@ -376,6 +378,39 @@ def test_held_out_items_leak_into_nothing_poisoned_run_trains_the_same(
       np.testing.assert_array_equal(x, y)
 
 
+# A method added in one place: one `register` call, nothing else edited.
+_EXTRA_METHOD_RUN = """
+from absl import app
+from experiments import continual as main
+from sleep_jax import methods
+
+methods.register(methods.Method('frozen'))  # no state, no wake, no sleep
+app.run(main.main)
+"""
+
+
+def test_a_registered_method_runs_in_the_main_job(reference, env, tmp_path):
+  ref_dir, _ = reference
+  workdir = _copy_of(ref_dir, tmp_path, ['base', 'data'])
+  proc = subprocess.run(
+      [sys.executable, '-u', '-c', _EXTRA_METHOD_RUN, SMOKE,
+       f'--workdir={workdir}', "--config.methods=('frozen',)",
+       '--config.seeds=(1,)'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'training the base model' not in proc.stdout  # the cached one
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  entry = results['methods']['frozen']
+  run = entry['per_seed'][0]
+  assert len(run['cycles']) == 2 and not any(
+      c['grown'] or c['reset'] or c['sleep'] or c['stages']
+      for c in run['cycles'])
+  # The model never changed: recall of the base population is the base
+  # model's, measured before any method ran.
+  assert run['final_base_acc'] == results['base']['acc']
+  assert results['complete'] == [['frozen', 1]]
+
+
 def jax_leaves(tree):
   import jax
   return jax.tree.leaves(tree)
@@ -427,9 +462,9 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
 
 def test_capacity_scales_each_sessions_budget_with_its_size():
   config = continual_config.get_config()
-  assert continual.scaled_config(config).to_dict() == config.to_dict()
+  assert continual_checks.scaled_config(config).to_dict() == config.to_dict()
   config.world.people_per_session = 40  # 2.5 x the 16 the steps are for
-  scaled = continual.scaled_config(config)
+  scaled = continual_checks.scaled_config(config)
   assert (scaled.wake.steps, scaled.sleep.num_steps, scaled.sleep.experts,
           scaled.dreaming.rehearse_steps) == (375, 500, 2, 250)
   assert scaled.sleep.batch_size == config.sleep.batch_size
@@ -437,25 +472,25 @@ def test_capacity_scales_each_sessions_budget_with_its_size():
   config.world.people_per_session = 64
   with pytest.raises(ValueError, match=r'num_experts=8 is too small: the base '
                      r'uses 2 and sleep grows 4 per session \(3 sessions\)'):
-    continual.validate_config(continual.scaled_config(config))
+    continual_checks.validate_config(continual_checks.scaled_config(config))
   config.sessions = 1
-  continual.validate_config(continual.scaled_config(config))
+  continual_checks.validate_config(continual_checks.scaled_config(config))
   config.world.people_per_session = 40
   config.capacity.people = 0
-  assert continual.scaled_config(config).wake.steps == 150
+  assert continual_checks.scaled_config(config).wake.steps == 150
   config.capacity.update(people=16, scaled=('wake.nope',))
   with pytest.raises(ValueError, match="capacity.scaled has 'wake.nope'"):
-    continual.scaled_config(config)
+    continual_checks.scaled_config(config)
 
 
 def test_sleep_per_method_overrides_are_checked_and_applied():
   config = continual_config.get_config('full')
-  parsed = continual.validate_config(config)
+  parsed = continual_checks.validate_config(config)
   assert parsed['sleep_per_method'] == {
       'sleep_no_expansion': {'learning_rate': 1e-3}}
   config.sleep_per_method = {'finetune': {'learning_rate': 1.0}}
   with pytest.raises(ValueError, match="sleep_per_method has 'finetune'"):
-    continual.validate_config(config)
+    continual_checks.validate_config(config)
   config.sleep_per_method = {'sleep': {'alpha': 3.0}}
   with pytest.raises(ValueError, match=r'sleep_per_method.sleep: sleep.alpha=3'):
-    continual.validate_config(config)
+    continual_checks.validate_config(config)

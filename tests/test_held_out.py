@@ -14,6 +14,7 @@ import numpy as np
 
 from experiments.configs import continual as continual_config
 from sleep_jax.studies import continual
+from sleep_jax.studies import continual_checks
 from sleep_jax.studies import fact_world
 from sleep_jax.studies import facts
 from sleep_jax.studies import world_tfds
@@ -85,7 +86,7 @@ def _smoke_config():
 
 def test_no_held_out_text_in_any_training_row_or_reward_item(tmp_path):
   config = _smoke_config()
-  parsed = continual.validate_config(config)
+  parsed = continual_checks.validate_config(config)
   world = continual.load_world(config, parsed, str(tmp_path),
                                str(tmp_path / 'tokenizer.model'))
   tok = world.tokenizer

@@ -17,7 +17,10 @@ runtimes.
 
 import ml_collections
 
-from sleep_jax.sharding import DEFAULT_RULES
+from experiments.configs import common
+
+VARIANTS = {'levels3': '3 CMS levels', 'levels4': '4 CMS levels',
+            'smoke': 'seconds, CI'}
 
 
 def _levels(n: int):
@@ -31,40 +34,29 @@ def _levels(n: int):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, __file__, VARIANTS)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.world_seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      vocab_size=512, d_model=96, num_layers=3, num_heads=4, num_kv_heads=2,
-      d_ff=256, max_len=64, mlp='cms', cms_levels=_levels(2)))
-  config.data = ml_collections.ConfigDict(dict(seq_len=40,
-                                               tokenizer_vocab_size=400))
+  config.model = common.fact_world_model(cms_levels=_levels(2))
+  config.data = common.fact_world_data()
   config.stream = ml_collections.ConfigDict(dict(
       base_people=300, sessions=4, people_per_session=16,
       steps_per_session=60, batch_size=32))
   config.base_train_steps = 1500
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95,
-      eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  config.optimizer = common.optimizer()
   config.methods = ('frozen', 'online')
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding = ml_collections.ConfigDict(dict(
-      rules=[list(rule) for rule in DEFAULT_RULES]))
+  config.mesh = common.mesh()
+  config.sharding = common.sharding()
 
-  variants = [v for v in (arg or '').split(',') if v]
-  for variant in variants:
-    if variant in ('levels3', 'levels4'):
-      config.model.cms_levels = _levels(int(variant[-1]))
-    elif variant == 'smoke':
-      config.model.update(d_model=32, num_layers=1, d_ff=64)
-      config.model.cms_levels = [dict(level, width=min(level['width'], 48))
-                                 for level in config.model.cms_levels]
-      config.stream.update(base_people=20, sessions=2, people_per_session=4,
-                           steps_per_session=5, batch_size=8)
-      config.base_train_steps = 20
-      config.optimizer.warmup_steps = 5
-    else:
-      raise ValueError(f'Unknown variant {variant!r} of cms_recall.py; valid: '
-                       '"" (default), "levels3", "levels4", "smoke" '
-                       '(comma-separated).')
+  if arg.levels3:
+    config.model.cms_levels = _levels(3)
+  if arg.levels4:
+    config.model.cms_levels = _levels(4)
+  if arg.smoke:
+    common.smoke_model(config.model, width=48)
+    config.stream.update(base_people=20, sessions=2, people_per_session=4,
+                         steps_per_session=5, batch_size=8)
+    config.base_train_steps = 20
+    config.optimizer.warmup_steps = 5
   return config

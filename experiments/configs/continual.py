@@ -37,22 +37,27 @@ one point of it with
 
 import ml_collections
 
+from experiments.configs import common
+from sleep_jax.methods import METHODS
 from sleep_jax.models.lora import ALL_KERNELS
-from sleep_jax.sharding import DEFAULT_RULES
 
-ALL_METHODS = ('sleep', 'sleep_no_anchor', 'sleep_no_expansion',
-               'sleep_no_lti', 'sleep_no_dreaming', 'no_consolidation',
-               'finetune', 'finetune_anchor', 'finetune_compute',
-               'lora_finetune', 'replay', 'replay_all', 'ewc', 'seal')
+# Every method, in the registry's order, and the fine-tuning baselines
+# (every weight or a LoRA adapter trained in wake), whose rates lr_sweep tunes.
+ALL_METHODS = tuple(METHODS)
+_FINE_TUNING = tuple(name for name, method in METHODS.items()
+                     if method.wake_kind in ('finetune', 'lora'))
 # The world every reported number comes from, and the one tuning may use.
 EVALUATION_WORLD, VALIDATION_WORLD = 0, 100
 
-
-_FINE_TUNING = ('finetune', 'finetune_anchor', 'finetune_compute',
-                'lora_finetune', 'replay', 'replay_all', 'ewc')
+VARIANTS = {
+    'full': 'all methods, 5 seeds', 'long': '8 sessions',
+    'smoke': "the default's methods on a tiny model, CI",
+    'validation': 'the validation world',
+    'lr_sweep': 'the fine-tuning baselines on the validation world, seed 0'}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, __file__, VARIANTS)
   config = ml_collections.ConfigDict()
   config.seeds = (0, 1, 2)
   config.sessions = 3
@@ -61,24 +66,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=EVALUATION_WORLD, base_people=100, people_per_session=16,
       passages_per_person=3,
       reading_people=1000, closed_book_repeats=4))
-  config.model = ml_collections.ConfigDict(dict(
-      vocab_size=512, d_model=96, num_layers=3, num_heads=4, num_kv_heads=2,
-      d_ff=256, max_len=128, mlp='cms', cms_levels=[
-          dict(chunk_size=1, width=64, num_experts=2, rank=16, top_k=2,
-               learning_rate=2e-3, optimizer='adam', update_dense=False,
-               gate_bias=0.0),
-          dict(chunk_size=0, width=256, num_experts=8, rank=16, top_k=9,
-               learning_rate=0.0, optimizer='adam', update_dense=False,
-               gate_bias=0.0)]))
+  config.model = common.fact_world_model(max_len=128, cms_levels=[
+      dict(chunk_size=1, width=64, num_experts=2, rank=16, top_k=2,
+           learning_rate=2e-3, optimizer='adam', update_dense=False,
+           gate_bias=0.0),
+      dict(chunk_size=0, width=256, num_experts=8, rank=16, top_k=9,
+           learning_rate=0.0, optimizer='adam', update_dense=False,
+           gate_bias=0.0)])
   # seq_len: one sentence (wake rows, questions); document_len: a passage
   # plus a restated fact (base training, dream prompts).
   config.data = ml_collections.ConfigDict(dict(
       seq_len=32, document_len=96, tokenizer_vocab_size=500))
   config.base = ml_collections.ConfigDict(dict(
       train_steps=1500, batch_size=32, seed=0, experts=(0, 2)))
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95,
-      eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  config.optimizer = common.optimizer()
   # Wake: steps per session; the fine-tuning baselines take the same steps
   # on the same rows. anchor_weight > 0: the anchored CMS methods (sleep and
   # its ablations but sleep_no_anchor) also hold the model to the pre-wake
@@ -133,61 +134,55 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.divergence_steps = 10
   # True only in `smoke`: the report says its numbers mean nothing.
   config.smoke = False
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding = ml_collections.ConfigDict(dict(
-      rules=[list(rule) for rule in DEFAULT_RULES]))
+  config.mesh = common.mesh()
+  config.sharding = common.sharding()
 
-  for variant in [v for v in (arg or '').split(',') if v]:
-    if variant == 'full':
-      config.methods = ALL_METHODS
-      config.seeds = (0, 1, 2, 3, 4)
-    elif variant == 'long':
-      # Eight sessions: the slow level needs a slot per sleep beyond the
-      # base's two, and top_k above them all keeps growth exact.
-      config.sessions = 8
-      config.model.cms_levels[1].update(num_experts=10, top_k=11)
-    elif variant == 'validation':
-      config.world.seed = VALIDATION_WORLD
-    elif variant == 'lr_sweep':
-      config.world.seed = VALIDATION_WORLD
-      config.methods = tuple(m for m in ALL_METHODS if m in _FINE_TUNING)
-      config.seeds = (0,)
-    elif variant == 'smoke':
-      # The default's four methods on a tiny model; CI runs all fourteen
-      # (tests/test_continual.py adds --config.methods).
-      config.smoke = True
-      config.seeds = (0, 1)
-      config.sessions = 2
-      # Small, but it learns: after wake, Sleep's fast expert and
-      # fine-tuning recall the session's probe items well above chance
-      # (tests/test_continual.py checks it).
-      config.model.update(d_model=48, num_layers=2, d_ff=64, max_len=96)
-      config.data.update(seq_len=40, document_len=80)
-      fast, slow = config.model.cms_levels
-      config.model.cms_levels = [dict(fast, width=64, rank=16,
-                                      learning_rate=1e-2),
-                                 dict(slow, width=32, rank=4)]
-      config.world.update(base_people=30, people_per_session=4,
-                          passages_per_person=2, reading_people=10,
-                          closed_book_repeats=1)
-      config.base.train_steps = 600
-      config.capacity.people = 0
-      config.optimizer.warmup_steps = 20
-      # The wake anchor is off by default; on here so CI runs its path.
-      config.wake.update(steps=40, batch_size=8, anchor_weight=0.3)
-      config.baselines.finetune_learning_rate = 1e-3
-      config.sleep.update(num_steps=2, batch_size=4, group_size=2,
-                          max_new_tokens=4, anchor_batch_size=2,
-                          anchor_max_new_tokens=4)
-      config.dreaming.update(num_dreams=2, max_new_tokens=4, keep_top=1,
-                             keep_random=0, eval_steps=1, rounds=1,
-                             rest_steps=1, rest_batch_size=2, rehearse_steps=2,
-                             rehearse_batch_size=2, replay_samples=2,
-                             lora_rank=2)
-      config.baselines.update(lora_rank=2, fisher_rows=4, anchor_batch_size=2,
-                              anchor_max_new_tokens=4)
-    else:
-      raise ValueError(f'Unknown variant {variant!r} of continual.py; valid: '
-                       '"" (default), "full", "long", "smoke", '
-                       '"validation", "lr_sweep" (comma-separated).')
+  if arg.full:
+    config.methods = ALL_METHODS
+    config.seeds = (0, 1, 2, 3, 4)
+  if arg.long:
+    # Eight sessions: the slow level needs a slot per sleep beyond the
+    # base's two, and top_k above them all keeps growth exact.
+    config.sessions = 8
+    config.model.cms_levels[1].update(num_experts=10, top_k=11)
+  if arg.validation:
+    config.world.seed = VALIDATION_WORLD
+  if arg.lr_sweep:
+    config.world.seed = VALIDATION_WORLD
+    config.methods = _FINE_TUNING
+    config.seeds = (0,)
+  if arg.smoke:
+    # The default's four methods on a tiny model; CI runs all fourteen
+    # (tests/test_continual.py adds --config.methods).
+    config.smoke = True
+    config.seeds = (0, 1)
+    config.sessions = 2
+    # Small, but it learns: after wake, Sleep's fast expert and
+    # fine-tuning recall the session's probe items well above chance
+    # (tests/test_continual.py checks it).
+    config.model.update(d_model=48, num_layers=2, d_ff=64, max_len=96)
+    config.data.update(seq_len=40, document_len=80)
+    fast, slow = config.model.cms_levels
+    config.model.cms_levels = [dict(fast, width=64, rank=16,
+                                    learning_rate=1e-2),
+                               dict(slow, width=32, rank=4)]
+    config.world.update(base_people=30, people_per_session=4,
+                        passages_per_person=2, reading_people=10,
+                        closed_book_repeats=1)
+    config.base.train_steps = 600
+    config.capacity.people = 0
+    config.optimizer.warmup_steps = 20
+    # The wake anchor is off by default; on here so CI runs its path.
+    config.wake.update(steps=40, batch_size=8, anchor_weight=0.3)
+    config.baselines.finetune_learning_rate = 1e-3
+    config.sleep.update(num_steps=2, batch_size=4, group_size=2,
+                        max_new_tokens=4, anchor_batch_size=2,
+                        anchor_max_new_tokens=4)
+    config.dreaming.update(num_dreams=2, max_new_tokens=4, keep_top=1,
+                           keep_random=0, eval_steps=1, rounds=1,
+                           rest_steps=1, rest_batch_size=2, rehearse_steps=2,
+                           rehearse_batch_size=2, replay_samples=2,
+                           lora_rank=2)
+    config.baselines.update(lora_rank=2, fisher_rows=4, anchor_batch_size=2,
+                            anchor_max_new_tokens=4)
   return config

@@ -18,30 +18,26 @@ expert. See README ("Dreaming") for measured numbers and runtimes.
 
 import ml_collections
 
+from experiments.configs import common
 from sleep_jax.models.lora import ALL_KERNELS
-from sleep_jax.sharding import DEFAULT_RULES
+
+VARIANTS = {'ablations': '4 runs: - random expert, - gradient selection, '
+                         '- dreaming',
+            'templates': 'the four prompt templates', 'smoke': 'seconds, CI'}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, __file__, VARIANTS)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.world_seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      vocab_size=512, d_model=96, num_layers=3, num_heads=4, num_kv_heads=2,
-      d_ff=256, max_len=160, mlp='cms', cms_levels=[
-          dict(chunk_size=1, width=64, num_experts=4, rank=16, top_k=2,
-               learning_rate=2e-3, optimizer='adam', update_dense=False),
-          dict(chunk_size=0, width=256, num_experts=4, rank=16, top_k=2,
-               learning_rate=0.0, optimizer='adam', update_dense=False)]))
-  config.data = ml_collections.ConfigDict(dict(seq_len=104,
-                                               tokenizer_vocab_size=500))
+  config.model = common.fact_world_model(max_len=160)
+  config.data = common.fact_world_data(seq_len=104, tokenizer_vocab_size=500)
   config.stream = ml_collections.ConfigDict(dict(
       base_people=100, sessions=1, people_per_session=16, batch_size=32,
       reading_people=3000, closed_book_repeats=4))
   config.base_train_steps = 2000
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.95,
-      eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  config.optimizer = common.optimizer()
   config.base_experts = [0, 2]   # trained with the base model, per level
   config.rehearse_level = 1
   config.prompt_width = 96
@@ -56,32 +52,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lora_rank=8, lora_alpha=16.0,
       lora_targets=[list(t) for t in ALL_KERNELS]))
   config.runs = []
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding = ml_collections.ConfigDict(dict(
-      rules=[list(rule) for rule in DEFAULT_RULES]))
+  config.mesh = common.mesh()
+  config.sharding = common.sharding()
 
-  for variant in [v for v in (arg or '').split(',') if v]:
-    if variant == 'ablations':
-      config.runs = [dict(), dict(random_expert=False),
-                     dict(selection='random'), dict(enabled=False)]
-    elif variant == 'templates':
-      config.runs = [dict(template=t) for t in
-                     ('continue', 'rewrite', 'implications', 'self_qa')]
-    elif variant == 'smoke':
-      config.model.update(d_model=32, num_layers=1, d_ff=64)
-      config.model.cms_levels = [dict(level, width=32, rank=4)
-                                 for level in config.model.cms_levels]
-      config.stream.update(base_people=10, people_per_session=2, batch_size=8,
-                           reading_people=20)
-      config.base_train_steps = 10
-      config.optimizer.warmup_steps = 2
-      config.dreaming.update(num_dreams=3, max_new_tokens=4, keep_top=1,
-                             keep_random=1, eval_steps=2, rounds=1,
-                             rest_steps=2, rest_batch_size=2, rehearse_steps=2,
-                             rehearse_batch_size=2, replay_samples=2,
-                             lora_rank=2)
-    else:
-      raise ValueError(f'Unknown variant {variant!r} of dreaming.py; valid: '
-                       '"" (default), "ablations", "templates", "smoke" '
-                       '(comma-separated).')
+  if arg.ablations:
+    config.runs = [dict(), dict(random_expert=False),
+                   dict(selection='random'), dict(enabled=False)]
+  if arg.templates:
+    config.runs = [dict(template=t) for t in
+                   ('continue', 'rewrite', 'implications', 'self_qa')]
+  if arg.smoke:
+    common.smoke_model(config.model, width=32, rank=4)
+    config.stream.update(base_people=10, people_per_session=2, batch_size=8,
+                         reading_people=20)
+    config.base_train_steps = 10
+    config.optimizer.warmup_steps = 2
+    config.dreaming.update(num_dreams=3, max_new_tokens=4, keep_top=1,
+                           keep_random=1, eval_steps=2, rounds=1,
+                           rest_steps=2, rest_batch_size=2, rehearse_steps=2,
+                           rehearse_batch_size=2, replay_samples=2,
+                           lora_rank=2)
   return config

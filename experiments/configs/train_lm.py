@@ -31,7 +31,10 @@ Re-running the same command in the same workdir resumes.
 
 import ml_collections
 
-from sleep_jax.sharding import DEFAULT_RULES
+from experiments.configs import common
+
+VARIANTS = {'smoke': 'tiny, 20 steps', 'cms2': '2 CMS levels',
+            'cms3': '3 CMS levels', 'cms4': '4 CMS levels'}
 
 
 def cms_levels(num_levels: int) -> list[dict]:
@@ -46,6 +49,7 @@ def cms_levels(num_levels: int) -> list[dict]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, __file__, VARIANTS)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = ml_collections.ConfigDict(dict(
@@ -57,30 +61,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       source='array_record',  # or 'memory'
       num_documents=20_000, eval_documents=256, corpus_seed=0,
       tokenizer_vocab_size=512, seq_len=128, batch_size=16, packing=True))
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95,
-      eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  config.optimizer = common.optimizer(warmup_steps=50)
   config.num_train_steps = 600
   config.log_every_steps = 10
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding = ml_collections.ConfigDict(dict(
-      rules=[list(rule) for rule in DEFAULT_RULES]))
+  config.mesh = common.mesh()
+  config.sharding = common.sharding()
   config.sample_prompt = 'Ada lives in'
   config.sample_tokens = 24
 
-  variants = [v for v in (arg or '').split(',') if v]
-  unknown = [v for v in variants if v not in ('smoke', 'cms2', 'cms3', 'cms4')]
-  if unknown:
-    raise ValueError(f'Unknown variant(s) {unknown} of train_lm.py; valid: "" '
-                     '(default), "smoke", "cms2", "cms3", "cms4" '
-                     '(comma-separated, e.g. "smoke,cms3").')
-  for variant in variants:
-    if variant.startswith('cms'):
+  for n in (2, 3, 4):
+    if arg[f'cms{n}']:
       config.model.mlp = 'cms'
-      config.model.cms_levels = cms_levels(int(variant[-1]))
-  if 'smoke' in variants:
+      config.model.cms_levels = cms_levels(n)
+  if arg.smoke:
     config.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         d_ff=128)
     config.data.update(num_documents=2_000, eval_documents=32, seq_len=64,
