@@ -84,6 +84,8 @@ def _validator(study: str):
   if study == 'train_lm':
     from sleep_jax import lm_trainer
     return lm_trainer.validate_config
+  if study == 'continual':  # the main job keeps its checks apart
+    study = 'continual_checks'
   return importlib.import_module(f'sleep_jax.studies.{study}').validate_config
 
 
