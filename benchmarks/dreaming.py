@@ -33,8 +33,8 @@ import optax
 from benchmarks import timing
 from sleep_jax import dream_sft
 from sleep_jax import dreaming
-from sleep_jax.models import lora
 from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.models import lora
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'experiments/configs/dreaming.py',

@@ -36,10 +36,10 @@ import optax
 from sleep_jax import sampling
 from sleep_jax.divergences import generalized_jsd
 from sleep_jax.models import lora
-from sleep_jax.models.config import dataclass_from_dict
 from sleep_jax.models.layers import LORA_COLLECTION
 from sleep_jax.models.transformer import variables
 from sleep_jax.sequences import join
+from sleep_jax.stage_config import dataclass_from_dict
 from sleep_jax.training import next_token_loss
 
 

@@ -39,7 +39,6 @@ from sleep_jax.models import lora
 from sleep_jax.models.layers import LORA_COLLECTION
 from sleep_jax.models.transformer import variables
 from sleep_jax.sequences import completion_logprobs, join
-from sleep_jax.wake import level_params, with_level_params
 
 
 # ------------------------------------------------------------------ losses ---
@@ -230,7 +229,8 @@ def train_generator(model, cfg, params, model_state, generator,
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _rehearse(model, cfg, level, params, model_state, slots_E, batches,
               anchor=None):
-  trainable = level_params(growth.expert_mask(params, level, slots_E), level)
+  trainable = cms.level_params(growth.expert_mask(params, level, slots_E),
+                               level)
   # Adam state only for the expert leaves: the level's dense expert (the
   # backbone MLP of a pretrained model) never trains here.
   tx = growth.masked_optimizer(optax.adam(cfg.rehearse_learning_rate),
@@ -241,7 +241,7 @@ def _rehearse(model, cfg, level, params, model_state, slots_E, batches,
   teacher = variables(*((params, model_state) if anchor is None else anchor))
 
   def loss_fn(tree, batch):
-    student = with_level_params(params, tree)
+    student = cms.with_level_params(params, tree)
     loss = sft_loss(model, student, model_state, batch['tokens'], batch['mask'])
     if 'replay_tokens' in batch:
       tokens = batch['replay_tokens']
@@ -259,9 +259,9 @@ def _rehearse(model, cfg, level, params, model_state, slots_E, batches,
     return (growth.apply_masked_updates(tree, updates, trainable),
             opt_state), loss
 
-  tree = level_params(params, level)
+  tree = cms.level_params(params, level)
   (tree, _), losses = jax.lax.scan(step, (tree, tx.init(tree)), batches)
-  return with_level_params(params, tree), losses
+  return cms.with_level_params(params, tree), losses
 
 
 def rehearse(model: nn.Module, cfg, params, model_state,

@@ -47,14 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import sampling
-from sleep_jax.data.tasks import arc
 from sleep_jax.dream_sft import (CopyData, colocate, dream_copies, dream_rows,
                                  evaluate, rehearse, self_replay, sft_loss,
                                  train_generator)
-from sleep_jax.eval import encode_items
 from sleep_jax.models import lora
-from sleep_jax.models.config import dataclass_from_dict
 from sleep_jax.sequences import join
+from sleep_jax.stage_config import dataclass_from_dict
 
 # Prompt templates for text tasks; '{context}' is replaced by the passage.
 TEMPLATES = {
@@ -159,8 +157,8 @@ class Tasks(NamedTuple):
   context axis, inputs / targets / answer_mask [C, Q, L].
   to_copy_data: how dreams become their isolated copies' training data,
   f(dreams [n, N], lengths [n], context_index [n], host_rng) -> CopyData
-  with a leading n (`make_arc_tasks`: a dream is a training strategy);
-  None: a dream is text to learn (`copy_data`: BOS + dream).
+  with a leading n (`arc_dreams.make_arc_tasks`: a dream is a training
+  strategy); None: a dream is text to learn (`copy_data`: BOS + dream).
   """
   prompts: np.ndarray
   prompt_lengths: np.ndarray
@@ -172,12 +170,12 @@ class Tasks(NamedTuple):
 
 def render_prompts(tokenizer, contexts: list[str], template: str, width: int):
   """`TEMPLATES[template]` around each context, tokenised with BOS: [C, width]."""
-  return _padded([tokenizer.encode(TEMPLATES[template].format(context=c),
-                                   add_bos=True) for c in contexts],
+  return pad_rows([tokenizer.encode(TEMPLATES[template].format(context=c),
+                                    add_bos=True) for c in contexts],
                   width, tokenizer.pad_id, 'a dream prompt')
 
 
-def _padded(rows: list[list[int]], width: int, pad_id: int, what: str):
+def pad_rows(rows: list[list[int]], width: int, pad_id: int, what: str):
   """Right-padded int32 [len(rows), width] and the lengths."""
   longest = max(map(len, rows))
   if longest > width:
@@ -198,52 +196,6 @@ def make_tasks(tokenizer, contexts: list[str],
   context_rows = render_prompts(tokenizer, contexts, 'continue', width)
   return Tasks(*prompts, *context_rows,
                {k: np.stack([x[k] for x in items]) for k in items[0]})
-
-
-def make_arc_tasks(tasks: list[arc.ArcTask], cfg: DreamingConfig, *,
-                   width: int, prompt_width: int, batch_size: int) -> Tasks:
-  """ARC-style tasks whose dreams are training strategies (SEAL few-shot).
-
-  The prompt is the demonstrations then `arc.STRATEGY_PROMPT`; a dream is
-  parsed by `arc.parse_strategy` (at most `eval_steps` steps). A valid one
-  trains its copy on `batch_size` rows per step drawn from the strategy's
-  leave-one-out data (`arc.leave_one_out`, rows of `width` tokens) at the
-  strategy's learning rate for its number of steps; an invalid one trains
-  nothing, so it cannot be rewarded. tau: the first test output solved.
-  Tokens are `arc.TOKENIZER`'s.
-  """
-  tok = arc.TOKENIZER
-  prompts = _padded([tok.encode(arc.strategy_prompt(t), add_bos=True)
-                     for t in tasks], prompt_width, tok.pad_id, 'an ARC prompt')
-  contexts = _padded([tok.encode(arc.context_text(t.train), add_bos=True)
-                      for t in tasks], prompt_width, tok.pad_id, 'an ARC context')
-  # Teacher-forced exact match of the answer = greedy decoding producing the
-  # whole output grid.
-  items = encode_items(tok, [arc.query(t.train, t.test[0]) for t in tasks],
-                       width)
-
-  def to_copy_data(dreams, lengths, context, host_rng) -> CopyData:
-    n, steps = len(dreams), cfg.eval_steps
-    tokens = np.full((n, steps, batch_size, width), tok.pad_id, np.int32)
-    masks = np.zeros((n, steps, batch_size, width), np.float32)
-    rates = np.full((n,), cfg.eval_learning_rate, np.float32)
-    active = np.zeros((n, steps), bool)
-    for i in range(n):
-      strategy = arc.parse_strategy(tok.decode(dreams[i][:lengths[i]]), steps)
-      if strategy is None:
-        continue
-      rows, row_masks = arc.leave_one_out(tasks[context[i]], strategy, width,
-                                          host_rng)
-      if not len(rows):
-        continue
-      pick = host_rng.integers(0, len(rows), (steps, batch_size))
-      tokens[i], masks[i] = rows[pick], row_masks[pick]
-      rates[i] = strategy.learning_rate
-      active[i, :strategy.steps] = True
-    return CopyData(tokens, masks, rates, active)
-
-  return Tasks(*prompts, *contexts,
-               {k: v[:, None] for k, v in items.items()}, to_copy_data)
 
 
 # --------------------------------------------------------------- generate ---

@@ -24,12 +24,13 @@ next, slower level; then the fast level's experts are freed.
   the slow level. A costs nothing to build: it is the student at
   initialisation (fast experts reset, new expert B = 0), a frozen copy.
 * One loop on the host per step: draw replay prompts, sample with the
-  shared sampler (sleep_jax.sampling), score rewards, then one jitted,
-  sharded update (`compile_seeding_step`) that compiles once per
-  (model, config, level) and row width and is reused across sleep cycles:
-  the new slot is data (bool[E_max]), not a shape; so are the anchor's
-  params. (With `anchor_prompts='replay'` the first session's BOS-only
-  anchor rows are narrower than later ones: one more compile.)
+  shared sampler (sleep_jax.sampling), score rewards (all three in
+  `sleep_jax.seeding_rollouts`), then one jitted, sharded update
+  (`compile_seeding_step`) that compiles once per (model, config, level)
+  and row width and is reused across sleep cycles: the new slot is data
+  (bool[E_max]), not a shape; so are the anchor's params. (With
+  `anchor_prompts='replay'` the first session's BOS-only anchor rows are
+  narrower than later ones: one more compile.)
 
 Sequences: prompts and completions are joined by `sleep_jax.sequences`.
 """
@@ -52,13 +53,12 @@ from sleep_jax.divergences import (forward_kl, generalized_jsd,  # noqa: F401
                                    masked_mean, reverse_kl)
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import rewards
-from sleep_jax import sampling
+from sleep_jax import seeding_rollouts
 from sleep_jax import sharding as sharding_lib
-from sleep_jax.models.config import dataclass_from_dict
 from sleep_jax.models import cms
 from sleep_jax.models import transformer
-from sleep_jax.sequences import completion_logprobs, join
-from sleep_jax.wake import level_params, with_level_params
+from sleep_jax.sequences import completion_logprobs
+from sleep_jax.stage_config import dataclass_from_dict
 
 DIVERGENCES = ('jsd', 'forward_kl', 'reverse_kl')
 PROMPT_SOURCES = ('replay', 'bos', 'mixed')
@@ -234,7 +234,7 @@ def seeding_loss(model: nn.Module, cfg: SeedingConfig, params, model_state,
 def trainable_mask(cfg: SeedingConfig, params, level: int, slots_E):
   """level_params-shaped mask: the slots (A, B, router) [+ dense w/o expansion]."""
   full = growth.expert_mask(params, level, slots_E, dense=not cfg.expansion)
-  return level_params(full, level)
+  return cms.level_params(full, level)
 
 
 def seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
@@ -245,11 +245,11 @@ def seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
   cfg.anchor_weight > 0, else None.
   """
   tx = make_optimizer(cfg)
-  tree = level_params(state.params, level)
+  tree = cms.level_params(state.params, level)
   mask = trainable_mask(cfg, state.params, level, slots_E)
 
   def loss_fn(tree):
-    params = with_level_params(state.params, tree)
+    params = cms.with_level_params(state.params, tree)
     return seeding_loss(model, cfg, params, state.model_state, teacher, batch,
                         anchor)
 
@@ -259,15 +259,16 @@ def seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
   tree = growth.apply_masked_updates(tree, updates, mask)
   metrics['grad_norm'] = optax.tree.norm(grads)
   return SeedingState(step=state.step + 1,
-                      params=with_level_params(state.params, tree),
-                      model_state=state.model_state, opt_state=opt_state), metrics
+                      params=cms.with_level_params(state.params, tree),
+                      model_state=state.model_state,
+                      opt_state=opt_state), metrics
 
 
 def init_seeding_state(cfg: SeedingConfig, params, model_state, level: int):
   return SeedingState(step=jnp.zeros((), jnp.int32), params=params,
                       model_state=model_state,
                       opt_state=make_optimizer(cfg).init(
-                          level_params(params, level)))
+                          cms.level_params(params, level)))
 
 
 def seeding_state_shardings(model: nn.Module, cfg: SeedingConfig, level: int,
@@ -347,162 +348,6 @@ def _compile_seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
   step.jitted = compiled.jitted
   step.state_shardings = state_shardings
   return step
-
-
-# ---------------------------------------------------------------- rollouts ---
-
-
-def draw_prompts(replay: Mapping[str, np.ndarray], cfg: SeedingConfig,
-                 rng: np.random.Generator, bos_id: int, pad_id: int):
-  """A batch of sleep prompts: replay prefixes and/or BOS (right-padded).
-
-  `replay['tokens']` int[R, W] holds recent wake rows (BOS first) and
-  `replay['lengths']` int[R] their lengths. A replay prompt keeps a uniformly
-  random prefix of [min_prompt_tokens, length - 1] tokens, so there is always
-  something left to continue.
-  """
-  batch = cfg.batch_size
-  from_bos = {'replay': np.zeros(batch, bool), 'bos': np.ones(batch, bool),
-              'mixed': rng.random(batch) < cfg.bos_fraction}[cfg.prompt_source]
-  return _prefixes(replay, from_bos, cfg.min_prompt_tokens, rng, bos_id,
-                   pad_id)
-
-
-def _prefixes(replay, from_bos_B, min_prompt_tokens: int,
-              rng: np.random.Generator, bos_id: int, pad_id: int):
-  """draw_prompts' rows: BOS where `from_bos_B`, else a replay prefix."""
-  tokens, lengths = np.asarray(replay['tokens']), np.asarray(replay['lengths'])
-  batch, width = len(from_bos_B), tokens.shape[1]
-  prompts = np.full((batch, width), pad_id, np.int32)
-  prompt_lengths = np.ones((batch,), np.int32)
-  rows = rng.integers(len(tokens), size=batch)
-  for b in range(batch):
-    if from_bos_B[b]:
-      prompts[b, 0] = bos_id
-      continue
-    length = int(lengths[rows[b]])
-    low = min(min_prompt_tokens, length - 1)
-    keep = int(rng.integers(max(low, 1), max(length - 1, 1) + 1))
-    prompts[b, :keep] = tokens[rows[b], :keep]
-    prompt_lengths[b] = keep
-  return prompts, prompt_lengths
-
-
-def draw_anchor_prompts(anchor_replay: Mapping[str, np.ndarray] | None,
-                        cfg: SeedingConfig, rng: np.random.Generator,
-                        bos_id: int, pad_id: int):
-  """`anchor_batch_size` prompts for the anchor's completions.
-
-  'replay': prefixes of `anchor_replay` rows (earlier sessions; drawn as
-  `draw_prompts` draws replay prefixes). 'bos', or no earlier rows (None or
-  empty: the first session has none): BOS alone, int32[B, 1].
-  """
-  batch = cfg.anchor_batch_size
-  if (cfg.anchor_prompts == 'bos' or anchor_replay is None
-      or not len(anchor_replay['tokens'])):
-    return (np.full((batch, 1), bos_id, np.int32), np.ones((batch,), np.int32))
-  return _prefixes(anchor_replay, np.zeros(batch, bool), cfg.min_prompt_tokens,
-                   rng, bos_id, pad_id)
-
-
-@jax.jit
-def _cut_dreams(dream_BxN, dream_len_B, u_B):
-  """Uniform cut per dream: (cut, the reference continuation, its length)."""
-  cut = jnp.minimum(jnp.floor(u_B * dream_len_B), jnp.maximum(dream_len_B - 1, 0)
-                    ).astype(jnp.int32)
-  cols = jnp.arange(dream_BxN.shape[1])[None, :] + cut[:, None]
-  reference = jnp.take_along_axis(
-      dream_BxN, jnp.minimum(cols, dream_BxN.shape[1] - 1), axis=1)
-  ref_len = dream_len_B - cut
-  reference = jnp.where(jnp.arange(dream_BxN.shape[1])[None] < ref_len[:, None],
-                        reference, 0)
-  return cut, reference, ref_len
-
-
-def group_advantages(rewards_BxG, normalize: bool):
-  """r - mean of its group (optionally / group std)."""
-  centred = rewards_BxG - rewards_BxG.mean(axis=1, keepdims=True)
-  if normalize:
-    centred = centred / (rewards_BxG.std(axis=1, keepdims=True) + 1e-6)
-  return centred
-
-
-def anchor_rollout(model, cfg: SeedingConfig, anchor, prompts, prompt_lengths,
-                   rng, *, eos_id, pad_id) -> dict:
-  """The anchor's own completions of `prompts` (anchor = (params, state)), as
-  batch rows {'anchor_tokens', 'anchor_mask'} (sequences.join's layout)."""
-  prompts, prompt_lengths = jnp.asarray(prompts), jnp.asarray(prompt_lengths)
-  out = sampling.sample(model, anchor[0], prompts, prompt_lengths,
-                        max_new_tokens=cfg.anchor_max_new_tokens, rng=rng,
-                        temperature=cfg.temperature, eos_id=eos_id,
-                        pad_id=pad_id, model_state=anchor[1])
-  tokens, mask = join(prompts, prompt_lengths, out.tokens, out.lengths,
-                      pad_id=pad_id)
-  return {'anchor_tokens': tokens, 'anchor_mask': mask}
-
-
-class Rollout(NamedTuple):
-  batch: dict
-  metrics: dict
-
-
-def rollout(model, cfg: SeedingConfig, student, teacher, prompts, prompt_lengths,
-            rng, *, eos_id, pad_id, host_rng, judge=None, decode=None
-            ) -> Rollout:
-  """Samples GKD and LTI completions and scores LTI rewards; no gradients.
-
-  student / teacher: (params, model_state).
-  """
-  t_rng, s_rng, l_rng = jax.random.split(rng, 3)
-  sample = functools.partial(
-      sampling.sample, model, max_new_tokens=cfg.max_new_tokens,
-      temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id)
-  prompts, prompt_lengths = jnp.asarray(prompts), jnp.asarray(prompt_lengths)
-  by_teacher = sample(teacher[0], prompts, prompt_lengths, rng=t_rng,
-                      model_state=teacher[1])
-  batch, metrics = {}, {}
-  if cfg.alpha > 0:
-    by_student = sample(student[0], prompts, prompt_lengths, rng=s_rng,
-                        model_state=student[1])
-    size = cfg.batch_size if cfg.lmbda_mode == 'sample' else 1
-    on_policy = np.broadcast_to(host_rng.random(size) < cfg.lmbda,
-                                (cfg.batch_size,))
-    pick = jnp.asarray(on_policy)
-    completion = jnp.where(pick[:, None], by_student.tokens, by_teacher.tokens)
-    lengths = jnp.where(pick, by_student.lengths, by_teacher.lengths)
-    batch['gkd_tokens'], batch['gkd_mask'] = join(
-        prompts, prompt_lengths, completion, lengths, pad_id=pad_id)
-    metrics['on_policy_fraction'] = float(on_policy.mean())
-  if cfg.alpha < 1:
-    group = cfg.group_size
-    cut, reference, ref_len = _cut_dreams(
-        by_teacher.tokens, by_teacher.lengths,
-        jnp.asarray(host_rng.random(cfg.batch_size), jnp.float32))
-    prefix, _ = join(prompts, prompt_lengths, by_teacher.tokens, cut,
-                     pad_id=pad_id)
-    prefix_len = prompt_lengths + cut
-    repeat = lambda x: jnp.repeat(x, group, axis=0)
-    completions = sample(student[0], repeat(prefix), repeat(prefix_len),
-                         rng=l_rng, model_state=student[1])
-    r_abs = rewards.levenshtein_reward(
-        completions.tokens, repeat(reference), z0=cfg.z0,
-        pred_lengths=completions.lengths, ref_lengths=repeat(ref_len))
-    reward = r_abs * (1.0 - cfg.gamma)
-    if cfg.gamma > 0:
-      same = judge.same_meaning(
-          rewards.decode_rows(decode, completions.tokens, completions.lengths),
-          rewards.decode_rows(decode, repeat(reference), repeat(ref_len)))
-      reward = reward + cfg.gamma * same.astype(np.float32)
-      metrics['semantic_reward'] = float(same.mean())
-    advantages = group_advantages(reward.reshape(-1, group),
-                                  cfg.normalize_advantages).reshape(-1)
-    batch['lti_tokens'], batch['lti_mask'] = join(
-        repeat(prefix), repeat(prefix_len), completions.tokens,
-        completions.lengths, pad_id=pad_id)
-    batch['lti_advantages'] = jnp.asarray(advantages, jnp.float32)
-    metrics['reward'] = float(reward.mean())
-    metrics['edit_reward'] = float(np.mean(r_abs))
-  return Rollout(batch, metrics)
 
 
 # ------------------------------------------------------------- the stage ---
@@ -617,15 +462,17 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
   history, pending = [], None
   for i in range(cfg.num_steps):
     loop_rng, step_rng = jax.random.split(loop_rng)
-    prompts, prompt_lengths = draw_prompts(replay, cfg, host_rng, bos_id, pad_id)
-    out = rollout(model, cfg, (state.params, state.model_state), teacher,
-                  prompts, prompt_lengths, step_rng, eos_id=eos_id,
-                  pad_id=pad_id, host_rng=host_rng, judge=judge, decode=decode)
+    prompts, prompt_lengths = seeding_rollouts.draw_prompts(
+        replay, cfg, host_rng, bos_id, pad_id)
+    out = seeding_rollouts.rollout(
+        model, cfg, (state.params, state.model_state), teacher, prompts,
+        prompt_lengths, step_rng, eos_id=eos_id, pad_id=pad_id,
+        host_rng=host_rng, judge=judge, decode=decode)
     batch = out.batch
     if anchored:
       anchor_rng, anchor_step_rng = jax.random.split(anchor_rng)
-      batch = {**batch, **anchor_rollout(
-          model, cfg, anchor, *draw_anchor_prompts(
+      batch = {**batch, **seeding_rollouts.anchor_rollout(
+          model, cfg, anchor, *seeding_rollouts.draw_anchor_prompts(
               anchor_replay, cfg, anchor_host_rng, bos_id, pad_id),
           anchor_step_rng, eos_id=eos_id, pad_id=pad_id)}
     state, step_metrics = step_fn(state, batch, teacher, slots_E, anchor)

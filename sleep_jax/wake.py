@@ -55,7 +55,7 @@ class WakeState:
 
   params / model_state: the whole model (params, and the 'cms' masks).
   opt_states / grad_sums: one entry per wake level (`wake_levels(config)`),
-    over that level's params only (`level_params`).
+    over that level's params only (`cms.level_params`).
   phase: steps since the session began (the chunk clock).
   step: wake steps taken in total.
   """
@@ -81,23 +81,6 @@ def level_optimizer(level: CMSLevel) -> optax.GradientTransformation:
   return optax.adamw(level.learning_rate)
 
 
-def level_params(params, level: int):
-  """The params of one CMS level in every layer, in the original nesting."""
-  name = cms.level_name(level)
-  return {layer: {'mlp': {name: sub['mlp'][name]}}
-          for layer, sub in params.items() if layer.startswith('layers_')}
-
-
-def with_level_params(params, level_tree):
-  """`params` with the leaves of a `level_params` tree swapped in."""
-  out = dict(params)
-  for layer, sub in level_tree.items():
-    mlp = dict(out[layer]['mlp'])
-    mlp.update(sub['mlp'])
-    out[layer] = {**out[layer], 'mlp': mlp}
-  return out
-
-
 def check_config(config: TransformerConfig) -> None:
   """Fails (before compiling) unless `config` is a CMS model with a wake level."""
   if config.mlp != 'cms':
@@ -114,9 +97,9 @@ def init_wake_state(config: TransformerConfig, params, model_state) -> WakeState
   check_config(config)
   levels = wake_levels(config)
   opt_states = tuple(
-      level_optimizer(config.cms_levels[l]).init(level_params(params, l))
+      level_optimizer(config.cms_levels[l]).init(cms.level_params(params, l))
       for l in levels)
-  grad_sums = tuple(jax.tree.map(jnp.zeros_like, level_params(params, l))
+  grad_sums = tuple(jax.tree.map(jnp.zeros_like, cms.level_params(params, l))
                     for l in levels)
   return WakeState(params=params, model_state=model_state,
                    opt_states=opt_states, grad_sums=grad_sums,
@@ -127,7 +110,7 @@ def _update_mask(config, params, model_state, level):
   active_E = model_state[cms.CMS_COLLECTION][cms.level_name(level)]
   full = growth.expert_mask(params, level, active_E,
                             dense=config.cms_levels[level].update_dense)
-  return level_params(full, level)
+  return cms.level_params(full, level)
 
 
 def wake_step(model: nn.Module, state: WakeState, batch: Mapping[str, jax.Array],
@@ -139,12 +122,12 @@ def wake_step(model: nn.Module, state: WakeState, batch: Mapping[str, jax.Array]
   """
   config = model.config
   levels = wake_levels(config)
-  trees = tuple(level_params(state.params, l) for l in levels)
+  trees = tuple(cms.level_params(state.params, l) for l in levels)
 
   def loss_fn(level_trees):
     params = state.params
     for tree in level_trees:
-      params = with_level_params(params, tree)
+      params = cms.with_level_params(params, tree)
     variables = transformer.variables(params, state.model_state)
     logits = model.apply(variables, batch['inputs'],
                          positions=batch.get('positions'),
@@ -183,7 +166,7 @@ def wake_step(model: nn.Module, state: WakeState, batch: Mapping[str, jax.Array]
     tree, opt_state = jax.lax.cond(
         due, apply, lambda t, o, g: (t, o), trees[i], state.opt_states[i],
         grad_sum)
-    params = with_level_params(params, tree)
+    params = cms.with_level_params(params, tree)
     opt_states.append(opt_state)
     grad_sums.append(jax.tree.map(lambda g: jnp.where(due, 0.0, g).astype(g.dtype),
                                   grad_sum))

@@ -3,18 +3,18 @@
 import dataclasses
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sleep_jax import arc_dreams
 from sleep_jax import dream_sft
 from sleep_jax import dreaming
 from sleep_jax.data.tasks import arc
 from sleep_jax.data.tokenizers import CharTokenizer
-from sleep_jax.models import Transformer, TransformerConfig
 from sleep_jax.models import lora
+from tiny_models import tiny_dense_model
 
 
 def recolor_task(seed=0, size=3, demos=3):
@@ -191,13 +191,8 @@ def test_leave_one_out_rows_and_masks():
 
 
 def tiny_model(vocab):
-  config = TransformerConfig.from_dict(dict(
-      vocab_size=vocab, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
-      d_ff=32, max_len=160))
-  model = Transformer(config)
-  var = dict(nn.meta.unbox(model.init(jax.random.key(0),
-                                      jnp.zeros((1, 8), jnp.int32))))
-  return model, var.pop('params'), var
+  return tiny_dense_model(vocab_size=vocab, d_model=16, num_layers=1,
+                          num_heads=2, num_kv_heads=1, d_ff=32, max_len=160)
 
 
 def test_strategy_dreams_train_their_copies_as_written():
@@ -206,8 +201,8 @@ def test_strategy_dreams_train_their_copies_as_written():
   cfg = dreaming.DreamingConfig(
       num_dreams=3, keep_top=1, keep_random=1, eval_steps=4, lora_rank=2,
       tau='answer_logprob', eval_learning_rate=1e-3)
-  dream_tasks = dreaming.make_arc_tasks(tasks, cfg, width=96, prompt_width=96,
-                                        batch_size=2)
+  dream_tasks = arc_dreams.make_arc_tasks(tasks, cfg, width=96, prompt_width=96,
+                                          batch_size=2)
   assert dream_tasks.items['inputs'].shape == (2, 1, 96)
   texts = ['aug=rot90 lr=0.05 steps=3 loss=output', 'not a strategy',
            'aug=none lr=0.02 steps=4 loss=all']
@@ -259,8 +254,8 @@ def test_arc_dreaming_stage_runs_rounds():
       num_dreams=3, max_new_tokens=12, keep_top=1, keep_random=1,
       eval_steps=2, rounds=1, rest_steps=2, rest_batch_size=2, lora_rank=2,
       random_expert=False)   # the tiny model has no experts
-  dream_tasks = dreaming.make_arc_tasks(tasks, cfg, width=96, prompt_width=96,
-                                        batch_size=2)
+  dream_tasks = arc_dreams.make_arc_tasks(tasks, cfg, width=96, prompt_width=96,
+                                          batch_size=2)
   model, params, state = tiny_model(arc.TOKENIZER.vocab_size)
   tok = arc.TOKENIZER
   _, rounds, accepted = dreaming.rest_em(

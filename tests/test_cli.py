@@ -51,6 +51,7 @@ def _one_error_line(proc) -> str:
   return lines[0]
 
 
+@pytest.mark.slow
 def test_unknown_key_names_the_closest_one(tmp_path):
   """A typo in an override says which key was meant, not a traceback."""
   proc = _continual(SMOKE, f'--workdir={tmp_path / "wd"}',
@@ -79,6 +80,7 @@ def test_unknown_key_names_the_closest_one(tmp_path):
     (['--config=sleep_jax/cli.py'],
      '--config=sleep_jax/cli.py: not a config file'),
 ])
+@pytest.mark.slow
 def test_flag_errors_name_the_flag(tmp_path, args, expected):
   """Errors absl and ml_collections raise while reading the command line
   (some at import) are one line naming what to fix, status 2."""
@@ -95,6 +97,7 @@ def test_flag_errors_name_the_flag(tmp_path, args, expected):
     (['--config=experiments/configs/continual.py:smok'],
      "--config=experiments/configs/continual.py:smok: Unknown variant 'smok'"),
 ])
+@pytest.mark.slow
 def test_values_checked_before_anything_is_built(tmp_path, args, expected):
   proc = _continual(SMOKE, f'--workdir={tmp_path / "wd"}', *args)
   assert proc.returncode == 2, proc.stderr
@@ -102,6 +105,7 @@ def test_values_checked_before_anything_is_built(tmp_path, args, expected):
   assert not os.path.exists(tmp_path / 'wd' / 'data')
 
 
+@pytest.mark.slow
 def test_train_lm_stop_after_must_be_a_step(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.train_lm',
@@ -112,6 +116,7 @@ def test_train_lm_stop_after_must_be_a_step(tmp_path):
   assert '--stop_after=-3 must be >= 1' in _one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_unusable_workdir_is_one_line_with_status_2(tmp_path):
   """A workdir path inside a file, or a name too long for the file system."""
   inside = tmp_path / 'a_file'
@@ -122,6 +127,7 @@ def test_unusable_workdir_is_one_line_with_status_2(tmp_path):
     assert f'--workdir={workdir} cannot be used' in _one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_bad_value_is_one_line_with_status_2(tmp_path):
   """A config value the run rejects is a user error: one line, status 2."""
   proc = _continual(SMOKE, f'--workdir={tmp_path / "wd"}',
@@ -130,6 +136,7 @@ def test_bad_value_is_one_line_with_status_2(tmp_path):
   assert 'seeds=(0.5,)' in _one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_default_config_loads_from_another_directory(tmp_path):
   """The default --config is found next to the entry point, not relative to
   the cwd: the run gets as far as checking the config's values."""
@@ -141,6 +148,7 @@ def test_default_config_loads_from_another_directory(tmp_path):
   assert 'No such file' not in line
 
 
+@pytest.mark.slow
 def test_model_too_large_is_refused_before_building_data(tmp_path):
   """A model that cannot fit in memory is refused with its estimate before
   anything (the data) is built in the workdir."""
@@ -154,6 +162,7 @@ def test_model_too_large_is_refused_before_building_data(tmp_path):
   assert not os.path.exists(workdir / 'data')
 
 
+@pytest.mark.slow
 def test_workdir_that_is_a_file(tmp_path):
   """--workdir naming a file says so in one line."""
   path = tmp_path / 'a_file'
@@ -164,6 +173,7 @@ def test_workdir_that_is_a_file(tmp_path):
   assert path.read_text() == 'not a directory'
 
 
+@pytest.mark.slow
 def test_traceback_flag_shows_the_traceback(tmp_path):
   """--traceback turns the one line of a config error back into Python's
   traceback, for debugging."""
@@ -174,6 +184,7 @@ def test_traceback_flag_shows_the_traceback(tmp_path):
   assert 'ValueError: seeds=(0.5,)' in proc.stderr
 
 
+@pytest.mark.slow
 def test_traceback_env_var_shows_the_traceback_of_a_flag_error(tmp_path):
   """SLEEP_JAX_TRACEBACK=1 does the same, also for errors in parsing flags."""
   proc = _continual(SMOKE, f'--workdir={tmp_path / "wd"}',
@@ -184,6 +195,7 @@ def test_traceback_env_var_shows_the_traceback_of_a_flag_error(tmp_path):
   assert 'alphaa' in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_names_the_variants_and_the_override_syntax():
   """--help is where a user learns the variants and how to override keys."""
   proc = _continual('--help')
@@ -193,6 +205,7 @@ def test_help_names_the_variants_and_the_override_syntax():
   assert '--config.<key>' in text
 
 
+@pytest.mark.slow
 def test_missing_config_file_with_override_is_one_line(tmp_path):
   """A --config path that does not exist is one line naming it."""
   proc = _continual('--config=no/such/config.py:smoke',
@@ -201,6 +214,7 @@ def test_missing_config_file_with_override_is_one_line(tmp_path):
   assert 'no/such/config.py' in _one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_missing_config_file_is_one_line(tmp_path):
   """The same without overrides: the usual way to mistype a path."""
   proc = _continual('--config=no/such/config.py:smoke',
@@ -209,6 +223,7 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert 'no/such/config.py' in _one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_busy_workdir_is_refused_at_once_naming_the_holder(tmp_path):
   """A second run on a workdir in use stops at once, naming the PID of the
   process that holds it, instead of writing over its files."""

@@ -97,6 +97,7 @@ def _copy_of(reference_dir, tmp_path, parts=None):
   return workdir
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_output(reference):
   workdir, stdout = reference
   results = json.load(open(os.path.join(workdir, 'results.json')))
@@ -187,6 +188,7 @@ def test_smoke_writes_every_output(reference):
   assert f'job {2 * 2 * len(methods.METHODS)}/' in stdout
 
 
+@pytest.mark.slow
 def test_rerun_keeps_other_results_and_refuses_another_config(reference, env,
                                                                tmp_path):
   """A re-run with fewer methods keeps every finished (method, seed) of the
@@ -221,6 +223,7 @@ def test_rerun_keeps_other_results_and_refuses_another_config(reference, env,
   assert json.load(open(os.path.join(workdir, 'results.json'))) == got
 
 
+@pytest.mark.slow
 def test_divergence_without_nan_stops_naming_the_rate(reference, env,
                                                       tmp_path):
   """lr 1e6: the loss sits at or above ln V; the run stops with one line
@@ -238,6 +241,7 @@ def test_divergence_without_nan_stops_naming_the_rate(reference, env,
   # tests/test_workdir.py's check_same_run test.
 
 
+@pytest.mark.slow
 def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
                                                                 tmp_path):
   ref_dir, _ = reference
@@ -321,9 +325,9 @@ _POISONED_RUN = """
 import numpy as np
 from absl import app
 from experiments import continual as main
+from sleep_jax import eval as eval_lib
 from sleep_jax.studies import continual
 from sleep_jax.studies import continual_checks
-from sleep_jax import eval as eval_lib
 
 load, recall = continual.load_world, eval_lib.recall_accuracy
 held_out, poison, seen = [], [], {'held_out': 0, 'poisoned': 0}
@@ -353,6 +357,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_held_out_items_leak_into_nothing_poisoned_run_trains_the_same(
     reference, env, tmp_path):
   """If a held-out item fed any training, reward or selection signal,
@@ -389,6 +394,7 @@ app.run(main.main)
 """
 
 
+@pytest.mark.slow
 def test_a_registered_method_runs_in_the_main_job(reference, env, tmp_path):
   ref_dir, _ = reference
   workdir = _copy_of(ref_dir, tmp_path, ['base', 'data'])
@@ -458,39 +464,3 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'sleep.alpha=2' in proc.stderr
   assert 'base model' not in proc.stdout
-
-
-def test_capacity_scales_each_sessions_budget_with_its_size():
-  config = continual_config.get_config()
-  assert continual_checks.scaled_config(config).to_dict() == config.to_dict()
-  config.world.people_per_session = 40  # 2.5 x the 16 the steps are for
-  scaled = continual_checks.scaled_config(config)
-  assert (scaled.wake.steps, scaled.sleep.num_steps, scaled.sleep.experts,
-          scaled.dreaming.rehearse_steps) == (375, 500, 2, 250)
-  assert scaled.sleep.batch_size == config.sleep.batch_size
-  # Four experts a sleep for 64 people: three sessions need 2 + 12 slots.
-  config.world.people_per_session = 64
-  with pytest.raises(ValueError, match=r'num_experts=8 is too small: the base '
-                     r'uses 2 and sleep grows 4 per session \(3 sessions\)'):
-    continual_checks.validate_config(continual_checks.scaled_config(config))
-  config.sessions = 1
-  continual_checks.validate_config(continual_checks.scaled_config(config))
-  config.world.people_per_session = 40
-  config.capacity.people = 0
-  assert continual_checks.scaled_config(config).wake.steps == 150
-  config.capacity.update(people=16, scaled=('wake.nope',))
-  with pytest.raises(ValueError, match="capacity.scaled has 'wake.nope'"):
-    continual_checks.scaled_config(config)
-
-
-def test_sleep_per_method_overrides_are_checked_and_applied():
-  config = continual_config.get_config('full')
-  parsed = continual_checks.validate_config(config)
-  assert parsed['sleep_per_method'] == {
-      'sleep_no_expansion': {'learning_rate': 1e-3}}
-  config.sleep_per_method = {'finetune': {'learning_rate': 1.0}}
-  with pytest.raises(ValueError, match="sleep_per_method has 'finetune'"):
-    continual_checks.validate_config(config)
-  config.sleep_per_method = {'sleep': {'alpha': 3.0}}
-  with pytest.raises(ValueError, match=r'sleep_per_method.sleep: sleep.alpha=3'):
-    continual_checks.validate_config(config)

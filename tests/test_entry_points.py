@@ -21,6 +21,7 @@ def _run(*args, check=True, env=None):
   return proc
 
 
+@pytest.mark.slow
 def test_train_lm_smoke_with_overrides_then_resume(tmp_path,
                                                    compilation_cache):
   workdir = str(tmp_path / 'run')
@@ -53,6 +54,7 @@ def test_train_lm_bad_override_names_the_key(tmp_path):
   assert 'num_heads=4 must be a multiple of num_kv_heads=3' in proc.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_prints_mfu_and_sampling_ratio_last():
   proc = _run('benchmarks.lm', '--d_model=64', '--num_layers=1',
               '--vocab_size=256', '--batch=8', '--seq_len=16', '--steps=1',
@@ -65,6 +67,7 @@ def test_benchmark_prints_mfu_and_sampling_ratio_last():
   assert re.fullmatch(r'sampling speedup cached/recompute: \d+(\.\d+)?x', lines[-1])
 
 
+@pytest.mark.slow
 def test_dreaming_benchmark_prints_both_ways_and_the_ratio_last():
   proc = _run('benchmarks.dreaming',
               '--config=experiments/configs/dreaming.py:smoke', '--n=2,3',
@@ -81,6 +84,7 @@ def test_dreaming_benchmark_prints_both_ways_and_the_ratio_last():
                       lines[-1])
 
 
+@pytest.mark.slow
 def test_cms_recall_smoke_writes_results(tmp_path, compilation_cache):
   args = ['experiments.cms_recall',
           '--config=experiments/configs/cms_recall.py:smoke',
@@ -127,6 +131,7 @@ def test_train_lm_cms_variants_and_bad_levels_fail_early():
   assert proc.returncode != 0 and 'cms_levels' in proc.stderr
 
 
+@pytest.mark.slow
 def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(
     tmp_path, compilation_cache):
   args = ['experiments.seeding',
@@ -158,6 +163,7 @@ def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(
   assert 'Compiling' not in proc.stderr and 'base step' not in proc.stdout
 
 
+@pytest.mark.slow
 def test_dreaming_smoke_writes_results_and_bad_knobs_fail_early(tmp_path):
   proc = _run('experiments.dreaming',
               '--config=experiments/configs/dreaming.py:smoke',

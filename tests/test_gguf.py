@@ -7,6 +7,7 @@ import os
 import gguf
 import jax
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from sleep_jax import assets, sampling
@@ -103,6 +104,7 @@ def test_gguf_loads_the_same_params_as_safetensors(tmp_path):
       '<|im_start|>ab<|im_end|>')
 
 
+@pytest.mark.slow
 def test_smollm2_answers_capital_of_france():
   path = assets.fetch('smollm2-135m')
   config, params, tok = load_gguf(path)

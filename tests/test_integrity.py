@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from sleep_jax.studies import fact_world
 from sleep_jax.checkpoints import integrity
 from sleep_jax.checkpoints.manager import Checkpointer
+from sleep_jax.studies import fact_world
 
 
 def _tree(seed):

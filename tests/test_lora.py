@@ -1,23 +1,12 @@
 """Functional LoRA (sleep_jax.models.lora) against a numpy reference."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_jax.models import Transformer, TransformerConfig
 from sleep_jax.models import lora
-
-
-def make_params():
-  config = TransformerConfig.from_dict(dict(
-      vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-      d_ff=48, max_len=32))
-  model = Transformer(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0),
-                                    jnp.zeros((1, 4), jnp.int32)))['params']
-  return model, params
+from tiny_models import tiny_cms_model
 
 
 CFG = lora.LoraConfig(rank=3, alpha=6.0, targets=(
@@ -33,8 +22,8 @@ def random_adapter(params, cfg, seed=0):
           for k, v in adapter.items()}
 
 
-def test_fresh_adapter_is_the_identity_and_targets_match():
-  _, params = make_params()
+def test_fresh_adapter_is_the_identity_and_targets_match(tiny_dense):
+  _, params, _ = tiny_dense
   adapter = lora.init(params, CFG, jax.random.key(1))
   assert sorted(adapter) == sorted(
       f'layers_{i}/{k}' for i in range(2)
@@ -48,8 +37,8 @@ def test_fresh_adapter_is_the_identity_and_targets_match():
     np.testing.assert_array_equal(x, y)
 
 
-def test_merge_matches_numpy_reference():
-  _, params = make_params()
+def test_merge_matches_numpy_reference(tiny_dense):
+  _, params, _ = tiny_dense
   adapter = random_adapter(params, CFG)
   merged = lora.merge(params, adapter, CFG)
   scale = 6.0 / 3
@@ -67,8 +56,8 @@ def test_merge_matches_numpy_reference():
   assert merged['layers_0']['attn']['k_kernel'] is params['layers_0']['attn']['k_kernel']
 
 
-def test_copies_are_independent_and_vmap_matches_one_by_one():
-  model, params = make_params()
+def test_copies_are_independent_and_vmap_matches_one_by_one(tiny_dense):
+  model, params, _ = tiny_dense
   batched = lora.init(params, CFG, jax.random.key(3), copies=4)
   assert batched['layers_1/attn/q_kernel']['a'].shape == (4, 32, 3)
   a = batched['layers_1/attn/q_kernel']['a']
@@ -96,8 +85,8 @@ def test_bad_configs_fail_with_the_key(kwargs, message):
     lora.LoraConfig(**kwargs)
 
 
-def test_targets_that_match_nothing_or_leave_no_output_axis():
-  _, params = make_params()
+def test_targets_that_match_nothing_or_leave_no_output_axis(tiny_dense):
+  _, params, _ = tiny_dense
   with pytest.raises(ValueError, match='match no params leaf'):
     lora.init(params, lora.LoraConfig(targets=(('nope', 1),)), jax.random.key(0))
   with pytest.raises(ValueError, match='leaves no output axis'):
@@ -105,8 +94,8 @@ def test_targets_that_match_nothing_or_leave_no_output_axis():
               jax.random.key(0))
 
 
-def test_unmerged_collection_equals_merging():
-  model, params = make_params()
+def test_unmerged_collection_equals_merging(tiny_dense):
+  model, params, _ = tiny_dense
   cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=(
       (r'attn/(q|k|v)_kernel$', 1), (r'attn/o_kernel$', 2),
       (r'mlp/(gate|up|down)_kernel$', 1)))
@@ -124,17 +113,13 @@ def test_unmerged_collection_equals_merging():
                        wrong)
 
 
-def test_misused_adapters_fail_with_the_fix_named():
-  model, params = make_params()
+def test_misused_adapters_fail_with_the_fix_named(tiny_dense):
+  model, params, _ = tiny_dense
   adapter = lora.init(params, CFG, jax.random.key(0))
   # An adapter of another model: the Transformer would skip the kernels.
-  cms_model = Transformer(TransformerConfig.from_dict(dict(
-      vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-      d_ff=48, max_len=32, mlp='cms', cms_levels=[dict(
-          chunk_size=0, width=48, num_experts=2, rank=4, top_k=1,
-          learning_rate=0.0)])))
-  cms_params = nn.meta.unbox(cms_model.init(
-      jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))['params']
+  _, cms_params, _ = tiny_cms_model(cms_levels=[dict(
+      chunk_size=0, width=48, num_experts=2, rank=4, top_k=1,
+      learning_rate=0.0)])
   for apply in (lora.merge, lora.as_collection):
     with pytest.raises(ValueError, match=r"mlp/up_kernel'\] are not in params"):
       apply(cms_params, adapter, CFG)

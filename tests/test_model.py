@@ -10,13 +10,11 @@ import pytest
 
 from sleep_jax.models import RopeScaling, Transformer, TransformerConfig
 from sleep_jax.models import count_params, layers
+from tiny_models import tiny_config
 
 
 def _tiny(**overrides):
-  values = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4,
-                num_kv_heads=2, d_ff=48)
-  values.update(overrides)
-  return TransformerConfig(**values)
+  return tiny_config(**{'vocab_size': 61, **overrides})
 
 
 def _init(config, seed=0):

@@ -1,15 +1,14 @@
 """The facts world and closed-book recall evaluation."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import eval as eval_lib
 from sleep_jax import sampling
-from sleep_jax.studies import facts
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
-from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.studies import facts
+from tiny_models import tiny_dense_model
 
 
 def test_world_is_deterministic_and_names_are_unique():
@@ -38,11 +37,7 @@ def test_recall_accuracy_equals_greedy_decoding_of_the_answer():
   items = facts.pairs([it for p in people[:8]
                        for it in facts.held_out_items(p)])
   encoded = eval_lib.encode_items(tokenizer, items, 48)
-  config = TransformerConfig(vocab_size=320, d_model=32, num_layers=1,
-                             num_heads=4, num_kv_heads=2, d_ff=64)
-  model = Transformer(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0),
-                                    jnp.zeros((1, 8), jnp.int32))['params'])
+  model, params, _ = tiny_dense_model(vocab_size=320, num_layers=1, d_ff=64)
   heads = [tokenizer.encode(p, add_bos=True) for p, _ in items]
   wants = [tokenizer.encode(p + a, add_bos=True)[len(h):]
            for (p, a), h in zip(items, heads)]

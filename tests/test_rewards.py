@@ -1,13 +1,10 @@
 """LTI rewards (docs/design.md §4.2-4.3): edit distance, semantic judges."""
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sleep_jax import rewards
-from sleep_jax.models import Transformer, TransformerConfig
+from tiny_models import tiny_dense_model
 
 
 def reference_distance(a, b):
@@ -82,12 +79,7 @@ class _CharTokenizer:
 
 
 def test_teacher_judge_uses_hidden_state_cosine():
-  config = TransformerConfig.from_dict(dict(
-      vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
-      d_ff=48, max_len=32))
-  model = Transformer(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0),
-                                    jnp.zeros((1, 4), jnp.int32)))['params']
+  model, params, _ = tiny_dense_model(vocab_size=64, num_layers=1, max_len=32)
   judge = rewards.make_judge('teacher', teacher=(model, params, {}),
                              tokenizer=_CharTokenizer(), threshold=0.999)
   emb = judge.embed(['hello there', 'hello there', 'zzzzqqq'])

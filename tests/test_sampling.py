@@ -1,18 +1,14 @@
 """The KV-cache sampler against full-recompute decoding and the forward pass."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sleep_jax import sampling
-from sleep_jax.models import Transformer, TransformerConfig
+from tiny_models import tiny_dense_model
 
-CONFIG = TransformerConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4,
-                           num_kv_heads=2, d_ff=64, qkv_bias=True)
-MODEL = Transformer(CONFIG)
-PARAMS = nn.meta.unbox(MODEL.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32)))['params']
+MODEL, PARAMS, _ = tiny_dense_model(vocab_size=97, d_ff=64, qkv_bias=True)
+CONFIG = MODEL.config
 # Random models are nearly uniform; sharpen them so greedy paths are stable
 # and distinct per row.
 PARAMS = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, PARAMS)

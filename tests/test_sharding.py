@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from sleep_jax import sharding, training
-from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.models import Transformer
+from tiny_models import tiny_config
 
-CONFIG = TransformerConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4,
-                           num_kv_heads=4, d_ff=128)
+CONFIG = tiny_config(vocab_size=64, d_model=64, num_kv_heads=4, d_ff=128)
 OPT = dict(learning_rate=1e-2, warmup_steps=1, min_lr_ratio=0.1, b1=0.9,
            b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
 

@@ -82,6 +82,7 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in rows}
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   config = _smoke_config()
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -111,6 +112,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   assert losses_a[4] != losses_a[1]
 
 
+@pytest.mark.slow
 def test_outputs_in_workdir(tmp_path):
   workdir = str(tmp_path / 'run')
   result = lm_trainer.train(_smoke_config(**{'data.source': 'memory'}), workdir)

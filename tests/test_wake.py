@@ -1,6 +1,5 @@
 """Wake: the multi-frequency online CMS update (docs/design.md §2)."""
 
-import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,8 @@ import pytest
 from sleep_jax import growth
 from sleep_jax import sharding
 from sleep_jax import wake
-from sleep_jax.models import Transformer, TransformerConfig, variables
+from sleep_jax.models import variables
+from tiny_models import tiny_cms_model, tiny_config
 
 RULES = sharding.DEFAULT_RULES
 CHUNKS = (1, 2, 4)
@@ -19,14 +19,8 @@ LR = (0.05, 0.03, 0.02)
 
 
 def make(levels, num_kv_heads=2):
-  config = TransformerConfig.from_dict(dict(
-      vocab_size=64, d_model=32, num_layers=2, num_heads=4,
-      num_kv_heads=num_kv_heads, d_ff=48, mlp='cms', cms_levels=levels))
-  model = Transformer(config)
-  tokens = jnp.zeros((4, 8), jnp.int32)
-  var = dict(nn.meta.unbox(model.init(jax.random.key(0), tokens)))
-  params = var.pop('params')
-  return model, params, var
+  return tiny_cms_model(vocab_size=64, num_kv_heads=num_kv_heads,
+                        cms_levels=levels)
 
 
 def sgd_levels(**extra):
@@ -263,11 +257,9 @@ def test_wake_on_8_devices_matches_one_device(optimizer, atol):
 
 
 def test_wake_config_errors():
-  plain = Transformer(TransformerConfig.from_dict(dict(
-      vocab_size=50, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
-      d_ff=48)))
+  plain = tiny_config(vocab_size=50, num_layers=1)
   with pytest.raises(ValueError, match="model.mlp='swiglu'"):
-    wake.init_wake_state(plain.config, {}, {})
+    wake.init_wake_state(plain, {}, {})
   model, params, state = make([dict(chunk_size=0, width=16, rank=4)])
   with pytest.raises(ValueError, match='chunk_size=0'):
     wake.init_wake_state(model.config, params, state)

@@ -61,6 +61,23 @@ def level_name(level: int) -> str:
   return f'level_{level}'
 
 
+def level_params(params, level: int):
+  """The params of one CMS level in every layer, in the original nesting."""
+  name = level_name(level)
+  return {layer: {'mlp': {name: sub['mlp'][name]}}
+          for layer, sub in params.items() if layer.startswith('layers_')}
+
+
+def with_level_params(params, level_tree):
+  """`params` with the leaves of a `level_params` tree swapped in."""
+  out = dict(params)
+  for layer, sub in level_tree.items():
+    mlp = dict(out[layer]['mlp'])
+    mlp.update(sub['mlp'])
+    out[layer] = {**out[layer], 'mlp': mlp}
+  return out
+
+
 def init_active_state(config: TransformerConfig) -> dict:
   """The 'cms' collection with every low-rank expert inactive."""
   return {level_name(l): jnp.zeros((lvl.num_experts,), jnp.bool_)

@@ -127,26 +127,6 @@ class CMSLevel:
     return cls(**values)
 
 
-def dataclass_from_dict(cls, values: Mapping[str, Any], key: str):
-  """`cls(**values)`, failing first on keys `cls` does not have."""
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise ValueError(f'{key}: unknown keys {unknown}; valid: {sorted(fields)}.')
-  return cls(**dict(values))
-
-
-def with_overrides(base, overrides: Mapping[str, Any], key: str):
-  """`base` with some fields replaced, through `type(base).from_dict` so
-  the overrides are checked and normalised like any config."""
-  current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-  unknown = sorted(set(overrides) - set(current))
-  if unknown:
-    raise ValueError(f'{key}: unknown keys {unknown}; valid: '
-                     f'{sorted(current)}.')
-  return type(base).from_dict({**current, **overrides}, key=key)
-
-
 def _validate_cms_levels(levels, d_ff: int, key: str) -> None:
   if not levels:
     raise ValueError(f"{key}=() is empty, but mlp='cms' needs at least one "

@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import eval as eval_lib
-from sleep_jax.studies import fact_world
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import sharding
 from sleep_jax import wake
-from sleep_jax.studies import facts
 from sleep_jax.models import Transformer, TransformerConfig
+from sleep_jax.studies import fact_world
+from sleep_jax.studies import facts
 from sleep_jax.studies import results as results_lib
 
 METHODS = ('frozen', 'online')

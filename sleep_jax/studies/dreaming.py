@@ -46,14 +46,14 @@ import numpy as np
 
 from sleep_jax import dreaming
 from sleep_jax import eval as eval_lib
-from sleep_jax.studies import fact_world
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
-from sleep_jax.studies import report
 from sleep_jax import sharding
-from sleep_jax.studies import facts
 from sleep_jax.models import Transformer, TransformerConfig
-from sleep_jax.models.config import with_overrides
+from sleep_jax.stage_config import with_overrides
+from sleep_jax.studies import fact_world
+from sleep_jax.studies import facts
+from sleep_jax.studies import report
 from sleep_jax.studies import results as results_lib
 
 

@@ -36,8 +36,8 @@ from sleep_jax import sharding
 from sleep_jax import training
 from sleep_jax.checkpoints import integrity
 from sleep_jax.data import pipeline
-from sleep_jax.studies import facts
 from sleep_jax.data.tokenizers import SentencePieceTokenizer
+from sleep_jax.studies import facts
 from sleep_jax.studies import results as results_lib
 
 

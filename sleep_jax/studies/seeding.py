@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import eval as eval_lib
-from sleep_jax.studies import fact_world
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import rewards
@@ -49,7 +48,8 @@ from sleep_jax import seeding
 from sleep_jax import sharding
 from sleep_jax import wake
 from sleep_jax.models import Transformer, TransformerConfig
-from sleep_jax.models.config import with_overrides
+from sleep_jax.stage_config import with_overrides
+from sleep_jax.studies import fact_world
 from sleep_jax.studies import results as results_lib
 
 
