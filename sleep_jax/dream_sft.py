@@ -138,22 +138,26 @@ def copy_sft_step(model: nn.Module, cfg, params, model_state, learning_rate,
   return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), None
 
 
-def isolated_copy(model: nn.Module, cfg, params, model_state, key,
-                  data: CopyData, items):
-  """One dream's isolated evaluation: (tau before, tau after, trained LoRA).
-
-  A fresh LoRA from `key`, one Adam step per active step of `data` (one
-  copy's, no leading axis).
-  """
+def fit_copy(model: nn.Module, cfg, params, model_state, key,
+             data: CopyData):
+  """A fresh LoRA from `key` after one Adam step per active step of `data`
+  (one copy's, no leading axis)."""
   adapter = lora.init(params, cfg.lora, key)
-  copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
   step = functools.partial(copy_sft_step, model, cfg, params, model_state,
                            data.learning_rate)
-  # b = 0: the fresh copy is the base model, so tau before needs no LoRA.
-  before = copy_tau(None)
   (adapter, _), _ = jax.lax.scan(
       step, (adapter, optax.adam(data.learning_rate).init(adapter)),
       (data.tokens, data.mask, data.active))
+  return adapter
+
+
+def isolated_copy(model: nn.Module, cfg, params, model_state, key,
+                  data: CopyData, items):
+  """One dream's isolated evaluation: (tau before, tau after, trained LoRA)."""
+  copy_tau = lambda a: tau(model, params, model_state, items, cfg.tau, a, cfg)
+  # b = 0: the fresh copy is the base model, so tau before needs no LoRA.
+  before = copy_tau(None)
+  adapter = fit_copy(model, cfg, params, model_state, key, data)
   return before, copy_tau(adapter), adapter
 
 
@@ -165,6 +169,23 @@ def _evaluate(model, cfg, params, model_state, keys, data, items):
       one, (keys, data, items), batch_size=cfg.chunk_size or n)
   return Evaluation(before, after, (after > before).astype(jnp.float32),
                     adapters)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fit_copies(model, cfg, params, model_state, keys, data):
+  one = lambda xs: fit_copy(model, cfg, params, model_state, *xs)
+  return jax.lax.map(one, (keys, data),
+                     batch_size=cfg.chunk_size or keys.shape[0])
+
+
+def fit_copies(model: nn.Module, cfg, params, model_state, rng,
+               data: CopyData):
+  """N fresh LoRAs, copy i trained on its own `data[i]` only, in one
+  compiled program (vmap, `cfg.chunk_size` lanes at a time): the batched
+  LoRAs (leading copy axis). `cfg` needs `.lora` and `.chunk_size`."""
+  data = CopyData(*(jnp.asarray(x) for x in data))
+  return _fit_copies(model, cfg, params, model_state,
+                     copy_keys(rng, data.tokens.shape[0]), data)
 
 
 def copy_keys(rng, n: int):

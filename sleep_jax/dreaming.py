@@ -455,3 +455,44 @@ def dream(model: nn.Module, cfg: DreamingConfig, params, model_state,
                          accepted['mask'], level=level, slots=slots,
                          host_rng=host_rng, replay=replay, anchor=anchor)
   return Dreaming(params, generator, rounds, accepted)
+
+
+def dream_unrewarded(model: nn.Module, cfg: DreamingConfig, params,
+                     model_state, tasks: Tasks, rng, *, level: int, slots,
+                     bos_id: int, eos_id: int, pad_id: int, generator=None,
+                     seed: int = 0, anchor=None) -> Dreaming:
+  """Dreaming on contexts whose evaluation items must stay unseen: generate
+  with `generator` (trained by ReST-EM on other contexts), select
+  (`cfg.selection`; the gradient score needs the context only), and
+  rehearse every kept dream into `slots` of `level`. No tau, no reward:
+  `tasks.items` is not read, so held-out questions never reach a signal.
+  `accepted` holds the kept dreams' rows."""
+  if not cfg.enabled:
+    return dream(model, cfg, params, model_state, tasks, rng, level=level,
+                 slots=slots, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                 generator=generator)
+  host_rng = np.random.default_rng(seed)
+  if generator is not None:
+    generator = colocate(generator, params)
+  dreams, lengths = generate(model, params, model_state, generator, tasks,
+                             cfg, jax.random.fold_in(rng, 0), eos_id=eos_id,
+                             pad_id=pad_id)
+  dreams, lengths = np.asarray(dreams), np.asarray(lengths)
+  data = copy_data(tasks, cfg, dreams, lengths,
+                   np.arange(len(dreams)) // cfg.num_dreams, host_rng,
+                   bos_id=bos_id, pad_id=pad_id)
+  kept, _ = select(model, params, model_state, tasks, data, cfg,
+                   jax.random.fold_in(rng, 1), host_rng,
+                   duplicates(dreams, lengths, cfg.num_dreams))
+  tokens = np.asarray(data.tokens)[kept][:, 0, 0]
+  mask = np.asarray(data.mask)[kept][:, 0, 0]
+  if cfg.rehearse_steps:
+    replay = None
+    if cfg.rehearse_replay > 0:
+      replay = self_replay(model, cfg, params, model_state,
+                           jax.random.fold_in(rng, 11), bos_id=bos_id,
+                           eos_id=eos_id, pad_id=pad_id, anchor=anchor)
+    params, _ = rehearse(model, cfg, params, model_state, tokens, mask,
+                         level=level, slots=slots, host_rng=host_rng,
+                         replay=replay, anchor=anchor)
+  return Dreaming(params, generator, [], {'tokens': tokens, 'mask': mask})

@@ -89,7 +89,8 @@ def _validator(study: str):
   return importlib.import_module(f'sleep_jax.studies.{study}').validate_config
 
 
-STUDIES = ['cms_recall', 'continual', 'dreaming', 'seeding', 'train_lm']
+STUDIES = ['cms_recall', 'continual', 'dreaming', 'knowledge', 'seeding',
+           'train_lm']
 
 
 @pytest.mark.parametrize('study', STUDIES)
