@@ -6,20 +6,19 @@ r"""The knowledge-incorporation table (SQuAD, SEAL's protocol).
 Variants (comma-separated):
 
 * `cpu` (default): SmolLM2-135M-Instruct (the `smollm2-135m` asset) with one
-  fast CMS level, sized for 2 CPU cores in at most 45 minutes. Reduced
-  relative to SEAL: 6 evaluated passages (SEAL: 200 in CPT) with at most 4
-  questions each, 4 ReST-EM training passages (SEAL: 50), 3 self-edits per
-  passage (SEAL: 5) of 48 tokens, 1 ReST-EM round (SEAL: 2), LoRA rank 16
-  (SEAL: 64) trained for 6 steps per passage, Knowledge Seeding of 4 steps,
-  pure distillation (alpha=1: no LTI rollouts), 2 seeds.
+  fast CMS level, aimed at 2 CPU cores. Reduced relative to SEAL: 6
+  evaluated passages (SEAL: 200 in CPT) with at most 4 questions each, 4
+  ReST-EM training passages (SEAL: 50), 3 self-edits per passage (SEAL: 5)
+  of 48 tokens, 1 ReST-EM round (SEAL: 2), LoRA rank 16 (SEAL: 64) trained
+  for 6 steps per passage, Knowledge Seeding of 4 steps, pure distillation
+  (alpha=1: no LTI rollouts), 2 seeds. Measured: it does not yet fit 45
+  minutes (experiments/results/knowledge.md).
 * `paper`: SEAL's sizes (n=200 evaluated passages in CPT, 50 training
   passages, 5 self-edits per passage, 2 ReST-EM rounds, LoRA r=64 alpha=128,
-  lr 1e-4 / 10 epochs for the inner fine-tune as in SEAL's scripts, the
-  Sleep paper's 5 fast levels of width 64 for `sleep_levels`); meant for an
-  accelerator (see experiments/results/knowledge.md for its estimated
-  runtime).
-* `smoke`: a tiny random llama (byte-free character tokenizer) and the six
-  fixture passages of configs/data/squad_fixture.json; seconds, CI.
+  lr 1e-4, the Sleep paper's 5 fast levels of width 64 for `sleep_levels`);
+  meant for an accelerator, not yet run.
+* `smoke`: a tiny random llama (a character tokenizer) and the six
+  fixture passages of configs/data/squad_fixture.json; minutes, CI.
 
 Every knob is a key: `--config.data.eval_passages=20`,
 `--config.rows='("base","in_context","sleep")'`, `--config.seeds='(0,1,2)'`.
