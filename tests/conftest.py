@@ -89,3 +89,15 @@ def tiny_cms():
 def tiny_dense():
   """(model, params, {}) of tiny_models.tiny_dense_model()."""
   return tiny_models.tiny_dense_model()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  """Each compiled XLA:CPU program keeps its machine code in memory maps of
+  its own, and jit caches keep every program alive: one process running the
+  whole suite passed Linux's default limit of 65,530 maps per process
+  (vm.max_map_count) and crashed in native code. Dropping the caches after
+  each test module frees them; a module compiled again later loads from the
+  persistent compilation cache."""
+  yield
+  jax.clear_caches()
