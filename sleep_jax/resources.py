@@ -16,7 +16,7 @@ import numpy as np
 _GIB = 2.0**30
 # Training holds params, gradients and AdamW's two moments, plus up to two
 # frozen copies (an anchor, a teacher): eight float32 copies in all.
-_TRAINING_COPIES = 8
+TRAINING_COPIES = 8
 
 
 def memory_limit() -> tuple[float, str]:
@@ -41,7 +41,7 @@ def training_bytes(model, batch_size: int, seq_len: int) -> tuple[float, int]:
   per_token = c.num_layers * (12 * c.d_model + 3 * c.d_ff +
                               c.num_heads * seq_len) + 2 * c.vocab_size
   activations = 4.0 * batch_size * seq_len * per_token
-  return 4.0 * _TRAINING_COPIES * params + activations, params
+  return 4.0 * TRAINING_COPIES * params + activations, params
 
 
 def check_fits(model, batch_size: int, seq_len: int, keys: str) -> None:

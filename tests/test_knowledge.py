@@ -14,6 +14,7 @@ from sleep_jax import dreaming
 from sleep_jax import growth
 from sleep_jax.models import lora
 from sleep_jax.studies import knowledge
+from sleep_jax.studies import knowledge_plan
 from sleep_jax.studies import knowledge_qa as qa
 
 
@@ -44,7 +45,7 @@ def test_lora_copies_are_isolated(smoke_setup):
   """Copy 0's LoRA is the same whatever copy 1 trains on."""
   s = smoke_setup
   b = s.backbone
-  cfg = knowledge._lora_sft(s)
+  cfg = knowledge.lora_sft(s.config.finetune)
   texts = [p.context for p in s.eval]
   rows = [qa.text_rows(b, [t], 64) for t in texts]
 
@@ -113,6 +114,7 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
     assert json.load(f)['rows'] == results['rows']
   report = open(os.path.join(workdir, 'report.md')).read()
   assert '| sleep_levels |' in report and 'paper single' in report
+  assert '| sleep/single/0 |' in report  # the time table
   assert os.path.exists(os.path.join(workdir, 'plots', 'knowledge.png'))
   assert os.listdir(os.path.join(workdir, 'generators'))
   # A re-run keeps every unit (and their seconds) instead of recomputing.
@@ -120,3 +122,44 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
   again = knowledge.run(config, workdir, log=logs.append)
   assert again['units'] == results['units']
   assert sum('kept from' in m for m in logs) == len(results['units'])
+
+
+def test_plan_counts_the_work_and_the_memory_it_names(smoke_setup):
+  config = knowledge_config.get_config('smoke')
+  b = smoke_setup.backbone
+  ft, width = config.finetune, config.widths.passage
+  p = config.data.eval_passages
+  units = knowledge_plan.ledger(config)
+  assert list(units) == [knowledge.unit_name(*u) for u in knowledge._units(config)]
+  # Fine-tuning on the passage: p copies x steps x batch x width (single),
+  # cpt_steps x batch x width (cpt); nothing else trains in those units.
+  assert units['passage_finetune/single/0'].train == (
+      p * ft.steps * ft.batch_size * width)
+  assert units['passage_finetune/cpt/0'].train == (
+      ft.cpt_steps * ft.batch_size * width)
+  assert units['base/both'].train == 0
+  # SEAL pays for its generator once per seed, in its first unit.
+  assert units['seal/single/0'].train > units['implications_finetune/single/0'].train
+  assert units['seal/cpt/0'].train == units['implications_finetune/cpt/0'].train
+  # chunk_size bounds the copies in flight, and the bytes with them.
+  all_at_once = knowledge_plan.memory(config, b)
+  config.finetune.chunk_size = 1
+  one = knowledge_plan.memory(config, b)
+  assert all_at_once['finetune_copies_in_flight'] == p
+  assert one['finetune_copies_in_flight'] == 1
+  assert one['finetune_copies_bytes'] == pytest.approx(
+      all_at_once['finetune_copies_bytes'] / p)
+  traced = knowledge_plan.trace_copy_step(config, b)
+  assert traced['adapter_params'] == one['lora_params_per_copy']
+
+
+def test_plan_writes_its_files_with_measured_costs(tmp_path):
+  config = knowledge_config.get_config('smoke')
+  text = knowledge_plan.write(config, str(tmp_path))
+  with open(tmp_path / 'plan.json') as f:
+    plan = json.load(f)
+  assert plan['measured']['train_s_per_token'] > 0
+  assert plan['this_machine_total_s'] > 0
+  assert set(plan['accelerators']) == set(knowledge_plan.ACCELERATORS)
+  assert '| sleep/single/0 |' in text
+  assert (tmp_path / 'plan.md').read_text() == text

@@ -16,7 +16,9 @@ Variants (comma-separated):
 * `paper`: SEAL's sizes (n=200 evaluated passages in CPT, 50 training
   passages, 5 self-edits per passage, 2 ReST-EM rounds, LoRA r=64 alpha=128,
   lr 1e-4, the Sleep paper's 5 fast levels of width 64 for `sleep_levels`);
-  meant for an accelerator, not yet run.
+  meant for one large accelerator, not yet run. `--plan` prints what it
+  needs before running it (memory, work, runtime estimate):
+  experiments/results/knowledge.md has its output.
 * `smoke`: a tiny random llama (a character tokenizer) and the six
   fixture passages of configs/data/squad_fixture.json; minutes, CI.
 
@@ -79,7 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 threshold=0.7))
   config.finetune = ml_collections.ConfigDict(dict(
       steps=6, cpt_steps=12, batch_size=2, learning_rate=1e-3, lora_rank=16,
-      lora_alpha=32.0, lora_targets=[list(t) for t in ALL_KERNELS]))
+      lora_alpha=32.0, lora_targets=[list(t) for t in ALL_KERNELS],
+      # LoRA copies trained side by side (single regime); 0 = all at once.
+      chunk_size=0))
   config.wake = ml_collections.ConfigDict(dict(steps=6))
   config.sleep = ml_collections.ConfigDict(dict(
       alpha=1.0, lmbda=0.5, divergence='jsd', num_steps=4, batch_size=4,
@@ -107,8 +111,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                  for i in range(5)]
     config.slow_level['num_experts'] = 8
     config.answer.update(max_new_tokens=24, batch_size=64)
+    # chunk_size: 200 rank-64 LoRA copies with Adam at once would need
+    # ~196 GiB; 25 at a time ~25 GiB (`--plan` prints the estimate).
     config.finetune.update(steps=10, cpt_steps=400, batch_size=1,
-                           learning_rate=1e-4, lora_rank=64, lora_alpha=128.0)
+                           learning_rate=1e-4, lora_rank=64, lora_alpha=128.0,
+                           chunk_size=25)
     config.wake.steps = 10
     config.sleep.update(num_steps=100, batch_size=8, alpha=0.5, gamma=0.5,
                         judge='embedding', group_size=4)
@@ -117,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_steps=10, eval_learning_rate=1e-4, rounds=2, rest_steps=50,
         rest_batch_size=8, rest_learning_rate=1e-4, rehearse_steps=100,
         rehearse_batch_size=8, rehearse_learning_rate=1e-4, lora_rank=64,
-        lora_alpha=128.0)
+        lora_alpha=128.0, chunk_size=50)
     config.seal.keep_random = 5
     config.widths.update(self_edit_prompt=384, passage=320)
   if arg.smoke:

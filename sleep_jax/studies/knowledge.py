@@ -190,10 +190,12 @@ def answers(s: Setup, passages, params, model_state=None, *,
 # ----------------------------------------------------------- LoRA rows ---
 
 
-def _lora_sft(s: Setup) -> LoraSft:
-  ft = s.config.finetune
-  return LoraSft(lora.LoraConfig(int(ft.lora_rank), float(ft.lora_alpha),
-                                 lora.hashable_targets(ft.lora_targets)))
+def lora_sft(finetune) -> LoraSft:
+  """The fine-tuning rows' LoRA, from the `finetune` config keys."""
+  return LoraSft(lora.LoraConfig(int(finetune.lora_rank),
+                                 float(finetune.lora_alpha),
+                                 lora.hashable_targets(finetune.lora_targets)),
+                 int(finetune.chunk_size))
 
 
 def _copy_data(rows_list: list[dict], steps: int, batch_size: int,
@@ -221,7 +223,7 @@ def _lora_row(s: Setup, regime: str, texts_per_passage: list[list[str]],
   """LoRA fine-tuning on each passage's texts (single: one copy per
   passage, vmapped; cpt: one copy on all), then closed-book answers."""
   ft, b = s.config.finetune, s.backbone
-  cfg = _lora_sft(s)
+  cfg = lora_sft(s.config.finetune)
   width = int(s.config.widths.passage)
   rows = [qa.text_rows(b, texts, width) for texts in texts_per_passage]
   if regime == 'cpt':
@@ -565,13 +567,16 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
       results['units'][name] = done[name]
       log(f'[{name}] kept from {results_path}')
     else:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), metrics_lib.compile_seconds()
       rows, stages = run_unit(s, group, regime, seed, generators,
                               lambda m, n=name: log(f'[{n}] {m}'), levels)
+      compiling = metrics_lib.compile_seconds() - c0
       results['units'][name] = {'rows': rows, 'stages': stages,
-                                'seconds': time.perf_counter() - t0}
+                                'seconds': time.perf_counter() - t0,
+                                'compile_seconds': compiling}
       line = ', '.join(f"{row} f1 {v['f1']:.3f}" for row, v in rows.items())
-      log(f'[{name}] {line} ({time.perf_counter() - t0:.0f}s)')
+      log(f'[{name}] {line} ({time.perf_counter() - t0:.0f}s, '
+          f'{compiling:.0f}s of it compiling)')
     results['rows'] = summarise(config, results['units'])
     results['generator_rounds'].update(generators.rounds)
     results['seconds'] = time.perf_counter() - t_start

@@ -66,6 +66,17 @@ def stages(results: dict) -> list[str]:
   return lines if len(lines) > 2 else []
 
 
+def timing(results: dict) -> list[str]:
+  """Seconds per unit, and how many of them went to compiling (a second
+  run of the same shapes in one process does not pay those)."""
+  lines = ['| unit | seconds | compiling |', '|---|---|---|']
+  for name, unit in results['units'].items():
+    compiling = unit.get('compile_seconds')
+    lines.append(f"| {name} | {unit['seconds']:.0f} | "
+                 f"{'—' if compiling is None else f'{compiling:.0f}'} |")
+  return lines
+
+
 def plot(results: dict, path: str) -> None:
   rows = [r for r in knowledge.ROWS if r in results['rows']]
   regimes = [r for r in knowledge.REGIMES
@@ -112,6 +123,7 @@ def write(results: dict, workdir: str) -> None:
     lines += ['## Sleep, stage by stage (token F1, %)', '', *stage_lines, '']
   os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
   plot(results, os.path.join(workdir, 'plots', 'knowledge.png'))
-  lines += ['![F1 per row](plots/knowledge.png)', '']
+  lines += ['![F1 per row](plots/knowledge.png)', '',
+            '## Time (this run)', '', *timing(results), '']
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write('\n'.join(lines))
