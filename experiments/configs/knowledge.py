@@ -11,8 +11,8 @@ Variants (comma-separated):
   ReST-EM training passages (SEAL: 50), 3 self-edits per passage (SEAL: 5)
   of 48 tokens, 1 ReST-EM round (SEAL: 2), LoRA rank 16 (SEAL: 64) trained
   for 6 steps per passage, Knowledge Seeding of 4 steps, pure distillation
-  (alpha=1: no LTI rollouts), 2 seeds. Measured: it does not yet fit 45
-  minutes (experiments/results/knowledge.md).
+  (alpha=1: no LTI rollouts), 2 seeds. About 2 hours of execution on 2 CPU
+  cores plus compiling (`--plan`; experiments/results/knowledge.md).
 * `paper`: SEAL's sizes (n=200 evaluated passages in CPT, 50 training
   passages, 5 self-edits per passage, 2 ReST-EM rounds, LoRA r=64 alpha=128,
   lr 1e-4, the Sleep paper's 5 fast levels of width 64 for `sleep_levels`);
@@ -33,7 +33,7 @@ import ml_collections
 from experiments.configs import common
 from sleep_jax.models.lora import ALL_KERNELS
 
-VARIANTS = {'cpu': 'SmolLM2-135M, 2 CPU cores, <= 45 min (the default)',
+VARIANTS = {'cpu': 'SmolLM2-135M, 2 CPU cores, ~2 h (the default)',
             'paper': "SEAL's sizes, for an accelerator",
             'smoke': 'tiny random llama, fixture passages, CI'}
 
@@ -75,8 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train_passages=4, eval_passages=6, split_seed=0, max_questions=4))
   config.widths = ml_collections.ConfigDict(dict(
       passage=288, prompt=112, in_context=448, item=128, self_edit_prompt=352))
+  # batch_size = max_questions: the single regime answers one passage's
+  # questions at a time, and a batch is padded to its one shape.
   config.answer = ml_collections.ConfigDict(dict(max_new_tokens=12,
-                                                 batch_size=24))
+                                                 batch_size=4))
   config.judge = ml_collections.ConfigDict(dict(name='embedding',
                                                 threshold=0.7))
   config.finetune = ml_collections.ConfigDict(dict(

@@ -79,11 +79,14 @@ def _sft(copies: float, steps: int, batch: int, width: int) -> Work:
 
 
 def _answers(c, passages: float, in_context: bool = False) -> Work:
-  q = passages * int(c.data.max_questions)
+  """Greedy answers to `passages`' questions in batches of
+  `answer.batch_size` rows (a last partial batch is padded: one shape)."""
+  batches = math.ceil(passages * int(c.data.max_questions) /
+                      int(c.answer.batch_size))
   width = int(c.widths.in_context if in_context else c.widths.prompt)
   new = int(c.answer.max_new_tokens)
-  return _sample(q, width, new) + Work(
-      steps=new * (math.ceil(q / int(c.answer.batch_size)) - 1))
+  return _sample(batches * int(c.answer.batch_size), width, new) + Work(
+      steps=new * (batches - 1))
 
 
 def _dream_width(d) -> int:
@@ -169,7 +172,9 @@ def ledger(config) -> dict[str, Work]:
       if group in ('passage_finetune', 'implications_finetune', 'seal'):
         width, steps = int(c.widths.passage), int(
             ft.steps if single else ft.cpt_steps)
-        work = _sft(groups, steps, int(ft.batch_size), width) + _answers(c, p)
+        # single: each passage's copy answers its own questions.
+        work = _sft(groups, steps, int(ft.batch_size), width) + _answers(
+            c, p / groups) * groups
         if group != 'passage_finetune':
           work += _sample(p * seal.num_dreams, int(c.widths.self_edit_prompt),
                           seal.max_new_tokens)
@@ -274,8 +279,9 @@ def trace_copy_step(config, backbone: qa.Backbone) -> dict:
 def measure(config, backbone: qa.Backbone, repeats: int = 2) -> dict:
   """Seconds per trained token (one LoRA training step of batch
   `finetune.batch_size` x `widths.passage`, 8 rows when that is 1, so the
-  step is not dominated by overhead) and per sampled token (a batch of
-  greedy answers, prefill included), measured here after compiling."""
+  step is not dominated by overhead) and per sampled token (cached greedy
+  decoding of a batch of answers, prefill excluded), measured here after
+  compiling."""
   c, b = config, backbone
   width = int(c.widths.passage)
   batch = max(8, int(c.finetune.batch_size))
@@ -298,14 +304,20 @@ def measure(config, backbone: qa.Backbone, repeats: int = 2) -> dict:
   prompts = np.full((rows, prompt), tok.pad_id, np.int32)
   prompts[:, :prompt // 2] = tok.bos_id if tok.bos_id is not None else 1
   lengths = np.full((rows,), prompt // 2, np.int32)
-  sample = functools.partial(
-      sampling.sample, b.model, b.params, prompts, lengths,
-      max_new_tokens=new, rng=jax.random.key(0), temperature=0.0,
-      eos_id=None, pad_id=tok.pad_id, model_state=b.model_state)
-  jax.block_until_ready(sample().tokens)   # compile
-  t0 = time.perf_counter()
-  jax.block_until_ready(sample().tokens)
-  sampled = (time.perf_counter() - t0) / (rows * new)
+  def sample_seconds(n: int) -> float:
+    sample = functools.partial(
+        sampling.sample, b.model, b.params, prompts, lengths,
+        max_new_tokens=n, rng=jax.random.key(0), temperature=0.0,
+        eos_id=None, pad_id=tok.pad_id, model_state=b.model_state)
+    jax.block_until_ready(sample().tokens)   # compile
+    t0 = time.perf_counter()
+    jax.block_until_ready(sample().tokens)
+    return time.perf_counter() - t0
+
+  # The prefill is counted as forward tokens: a token's own cost is the
+  # difference between n and 2n new tokens.
+  sampled = max(sample_seconds(2 * new) - sample_seconds(new), 1e-9) / (
+      rows * new)
   return {'device': jax.devices()[0].device_kind,
           'train_s_per_token': train, 'train_shape': [batch, width],
           'sampled_s_per_token': sampled, 'sample_shape': [rows, prompt, new]}
