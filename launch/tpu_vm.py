@@ -32,6 +32,10 @@ import sys
 from typing import Sequence
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_DIR not in sys.path:  # run as a script: launch/tpu_vm.py
+  sys.path.insert(0, REPO_DIR)
+from launch import local  # noqa: E402  pylint: disable=g-import-not-at-top
+
 REMOTE_DIR = '~/sleep_jax'
 _TPU_VM = ['gcloud', 'compute', 'tpus', 'tpu-vm']
 
@@ -59,24 +63,43 @@ def create_command(args: argparse.Namespace) -> list[str]:
   return cmd
 
 
+def pinned_jax() -> str:
+  """The jax version requirements.txt pins: the TPU extra must match it (an
+  unpinned `jax[tpu]` pulls a newer jax, or a libtpu that does not fit)."""
+  with open(os.path.join(REPO_DIR, 'requirements.txt')) as f:
+    for line in f:
+      if line.startswith('jax=='):
+        return line.split('==', 1)[1].strip()
+  raise ValueError('requirements.txt pins no jax version (a `jax==` line).')
+
+
+def archive_path(args: argparse.Namespace) -> str:
+  return f'/tmp/sleep_jax-{args.name}.tgz'
+
+
 def setup_commands(args: argparse.Namespace) -> list[list[str]]:
-  # Copying the local tree (rather than cloning) runs exactly the code being
-  # edited, uncommitted changes included. scp into an existing ~/sleep_jax
-  # nests the copy, so setup is meant for a fresh VM.
-  scp = [*_TPU_VM, 'scp', '--recurse', REPO_DIR,
-         f'{args.name}:{REMOTE_DIR}', *_common(args), '--worker=all']
-  install = (f"cd {REMOTE_DIR} && pip install -r requirements.txt "
-             f"'jax[tpu]' && pip install -e .")
-  return [scp, _ssh_command(args, install)]
+  # Only the files git tracks, as they are in the working tree (uncommitted
+  # edits included): never a local .venv, workdirs or caches. setup
+  # replaces ~/sleep_jax on every host.
+  archive = archive_path(args)
+  pack = ['bash', '-c', f'cd {shlex.quote(REPO_DIR)} && git ls-files -z | '
+          f'tar --null -T - -czf {archive}']
+  scp = [*_TPU_VM, 'scp', archive, f'{args.name}:~/sleep_jax.tgz',
+         *_common(args), '--worker=all']
+  install = (f'rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && '
+             f'tar -xzf ~/sleep_jax.tgz -C {REMOTE_DIR} && cd {REMOTE_DIR} && '
+             f"pip install -r requirements.txt 'jax[tpu]=={pinned_jax()}' && "
+             'pip install -e .')
+  return [pack, scp, _ssh_command(args, install)]
 
 
 def run_command(args: argparse.Namespace) -> list[str]:
-  # The remote side is a shell, so the forwarded args are quoted once more.
-  program = shlex.join(['python3', '-m', args.module, *args.module_args])
-  # Tell maybe_initialize_distributed() it is on a pod even if the ssh
-  # shell lacks the TPU environment variables.
-  return _ssh_command(
-      args, f'cd {REMOTE_DIR} && SLEEP_JAX_DISTRIBUTED=1 {program}')
+  # The same worker command `launch.local` runs; on a pod JAX finds the
+  # coordinator and the process ids itself, SLEEP_JAX_DISTRIBUTED=1 makes
+  # sure it is asked even if the ssh shell lacks the TPU variables.
+  return _ssh_command(args, local.worker_command(
+      ['python3', '-m', args.module, *args.module_args],
+      {'SLEEP_JAX_DISTRIBUTED': '1'}, cwd=REMOTE_DIR))
 
 
 def delete_command(args: argparse.Namespace) -> list[str]:

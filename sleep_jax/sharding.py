@@ -42,13 +42,37 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 _distributed_initialized = False
 
 
+# How long a process waits for a lost peer before it fails (seconds): JAX's
+# default (100 s heartbeat, 300 s shutdown) would leave the survivors of a
+# `kill -9` hanging for minutes.
+HEARTBEAT_TIMEOUT_S = 10
+SHUTDOWN_TIMEOUT_S = 30
+
+
+def distributed_env() -> dict[str, Any]:
+  """The `jax.distributed.initialize` arguments the environment gives: the
+  coordinator address, and the process count and id when a launcher sets
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID (`launch.local`); a Cloud TPU pod or
+  SLURM leaves those unset and JAX finds them."""
+  kwargs = {'heartbeat_timeout_seconds': int(os.environ.get(
+                'SLEEP_JAX_HEARTBEAT_TIMEOUT_S', HEARTBEAT_TIMEOUT_S)),
+            'shutdown_timeout_seconds': SHUTDOWN_TIMEOUT_S}
+  for key, env in (('coordinator_address', 'JAX_COORDINATOR_ADDRESS'),
+                   ('num_processes', 'JAX_NUM_PROCESSES'),
+                   ('process_id', 'JAX_PROCESS_ID')):
+    value = os.environ.get(env)
+    if value:
+      kwargs[key] = value if key == 'coordinator_address' else int(value)
+  return kwargs
+
+
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` once when running multi-process.
 
   Cloud TPU pods (and any launcher that sets JAX_COORDINATOR_ADDRESS,
   TPU_WORKER_HOSTNAMES or SLURM variables) need it before the first JAX
   call; on one host it is a no-op. SLEEP_JAX_DISTRIBUTED=1 forces it (the
-  TPU launcher sets it), =0 disables it. Every entry point calls this first.
+  launchers set it), =0 disables it. Every entry point calls this first.
   """
   global _distributed_initialized
   if _distributed_initialized:
@@ -61,7 +85,7 @@ def maybe_initialize_distributed() -> None:
              or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
              or int(os.environ.get('SLURM_NTASKS', '1')) > 1)
   if multi:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**distributed_env())
     logging.info('jax.distributed initialised: process %d of %d',
                  jax.process_index(), jax.process_count())
   _distributed_initialized = True
