@@ -234,6 +234,10 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
               + (f', e.g. --{config_flag}={default}' if default else ''),
               file=sys.stderr)
         sys.exit(2)
+    # Before anything asks JAX for its devices (the workdir lock asks for
+    # the process index): on a pod, jax.distributed must come first.
+    from sleep_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.maybe_initialize_distributed()
     try:
       if workdir_flag and flags.FLAGS[workdir_flag].value:
         with workdir_lib.lock(flags.FLAGS[workdir_flag].value):

@@ -135,7 +135,9 @@ def train(config, workdir: str, *, stop_after: int | None = None
       preempted job would; the schedule still follows num_train_steps.
 
   Returns:
-    {'step', 'loss', 'eval_loss', 'params', 'sample', ...} of the last step.
+    {'step', 'loss', 'eval_loss', 'params', 'sample', ...} of the last step
+    (final_metrics.json), and 'state': the trained TrainState, laid out on
+    the mesh (on a pod, each process holds its shards).
   """
   if stop_after is not None and stop_after < 1:
     raise ValueError(f'--stop_after={stop_after} must be >= 1 (a step '
@@ -159,9 +161,9 @@ def train(config, workdir: str, *, stop_after: int | None = None
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
                       max_to_keep=config.keep_checkpoints)
   abstract, state_shardings = sharding_lib.abstract_sharded(*init_args)
-  local_batch = config.data.batch_size // jax.process_count()
   dataset = pipeline.lm_dataset(
-      train_source, seq_len=config.data.seq_len, batch_size=local_batch,
+      train_source, seq_len=config.data.seq_len,
+      batch_size=config.data.batch_size,
       seed=config.seed, packing=config.data.packing, pad_id=tokenizer.pad_id,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = iter(dataset)
@@ -243,4 +245,4 @@ def train(config, workdir: str, *, stop_after: int | None = None
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(result, f, indent=2)
-  return result
+  return dict(result, state=state)

@@ -86,15 +86,17 @@ def test_iterator_state_round_trips():
       np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_process_shards_are_disjoint_and_cover_the_data():
-  firsts = []
-  for index in range(3):
-    ds = pipeline.lm_dataset(DOCS, seq_len=16, batch_size=1, seed=0,
-                             packing=False, num_epochs=1, shard_index=index,
-                             shard_count=3)
-    firsts.append({int(b['inputs'][0, 0]) for b in ds})
-  assert sum(len(f) for f in firsts) == len(DOCS)
-  assert set().union(*firsts) == {int(d[0]) for d in DOCS}
+def test_process_shards_are_the_rows_of_the_one_process_batches():
+  whole = _first_batches(pipeline.lm_dataset(DOCS, seq_len=8, batch_size=6,
+                                             seed=0), 3)
+  parts = [_first_batches(pipeline.lm_dataset(
+      DOCS, seq_len=8, batch_size=6, seed=0, shard_index=i, shard_count=3), 3)
+           for i in range(3)]
+  for step, batch in enumerate(whole):
+    for key in batch:
+      assert all(p[step][key].shape[0] == 2 for p in parts)
+      np.testing.assert_array_equal(
+          np.concatenate([p[step][key] for p in parts]), batch[key])
 
 
 def test_array_record_source_matches_memory(tmp_path):
@@ -113,6 +115,9 @@ def test_array_record_source_matches_memory(tmp_path):
 def test_bad_pipeline_arguments():
   with pytest.raises(ValueError, match='shard_index=3'):
     pipeline.lm_dataset(DOCS, seq_len=8, batch_size=2, seed=0, shard_index=3,
+                        shard_count=2)
+  with pytest.raises(ValueError, match='batch_size=5 rows cannot be split'):
+    pipeline.lm_dataset(DOCS, seq_len=8, batch_size=5, seed=0, shard_index=0,
                         shard_count=2)
   with pytest.raises(ValueError, match='seq_len=0'):
     pipeline.lm_dataset(DOCS, seq_len=0, batch_size=2, seed=0)

@@ -83,15 +83,17 @@ def lm_dataset(source, *, seq_len: int, batch_size: int, seed: int,
     source: random-access sequence of 1-D int token arrays.
     seq_len: model input length (rows hold seq_len + 1 tokens before the
       shift into inputs/targets).
-    batch_size: rows per batch *for this process* (global batch divided by
-      the number of processes).
+    batch_size: rows per global batch (all processes together).
     seed: shuffling and packing seed.
     packing: pack several documents per row (else one padded doc per row).
     shuffle: shuffle documents (reshuffled every epoch).
     num_epochs: None repeats forever.
     pad_id: padding token.
-    shard_index, shard_count: this process's slice of the documents
-      (`jax.process_index()`, `jax.process_count()`).
+    shard_index, shard_count: this process's rows of each global batch
+      (`jax.process_index()`, `jax.process_count()`): every process builds
+      the same global stream (documents are cheap to shuffle and pack) and
+      keeps its contiguous slice, so the batches, and every number trained
+      from them, do not depend on the number of processes.
     num_packing_bins: rows packed at once (default: batch_size).
   """
   if seq_len < 1 or batch_size < 1:
@@ -100,12 +102,11 @@ def lm_dataset(source, *, seq_len: int, batch_size: int, seed: int,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} must be in [0, '
                      f'shard_count={shard_count}).')
+  if batch_size % shard_count:
+    raise ValueError(f'batch_size={batch_size} rows cannot be split evenly '
+                     f'over {shard_count} processes.')
   width = seq_len + 1
   ds = grain.MapDataset.source(source)
-  if len(ds) < shard_count:
-    raise ValueError(f'{len(ds)} documents cannot be split over '
-                     f'{shard_count} processes.')
-  ds = ds[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
@@ -119,4 +120,10 @@ def lm_dataset(source, *, seq_len: int, batch_size: int, seed: int,
     ds = ds.map(_unpack)
   else:
     ds = ds.map(lambda doc: pad_document(doc, width, pad_id)).to_iter_dataset()
-  return ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if shard_count == 1:
+    return ds
+  rows = batch_size // shard_count
+  start = shard_index * rows
+  return ds.map(lambda batch: {k: v[start:start + rows]
+                               for k, v in batch.items()})
