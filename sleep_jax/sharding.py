@@ -220,6 +220,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def global_inputs(args, shardings):
+  """`args` with each host (numpy) array made a global jax.Array laid out as
+  its sharding says. On several processes jit takes no host array with a
+  sharding that spans them; every process holds the same host values here
+  (its randomness is seeded alike), so each device's block is cut from
+  them."""
+  def put(sharding, subtree):
+    def one(x):
+      if isinstance(x, (np.ndarray, np.generic)):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding,
+                                            lambda index: x[index])
+      return x
+    return jax.tree.map(one, subtree)
+  return jax.tree.map(put, tuple(shardings), tuple(args),
+                      is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+
+
 def compile_step(step_fn: Callable[..., Any], mesh: Mesh, rules, *,
                  in_shardings, out_shardings, donate_argnums=(0,)):
   """`jax.jit(step_fn)` with explicit shardings, called under mesh + rules.
@@ -232,6 +250,8 @@ def compile_step(step_fn: Callable[..., Any], mesh: Mesh, rules, *,
                    out_shardings=out_shardings, donate_argnums=donate_argnums)
 
   def step(*args):
+    if jax.process_count() > 1:
+      args = global_inputs(args, in_shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(*args)
 

@@ -36,6 +36,7 @@ from sleep_jax import dreaming
 from sleep_jax import eval as eval_lib
 from sleep_jax import lifecycle
 from sleep_jax import metrics as metrics_lib
+from sleep_jax import multihost
 from sleep_jax import resources
 from sleep_jax import rewards
 from sleep_jax import sharding
@@ -407,7 +408,8 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
   finally:
     writer.close()
   write_results(runs, finished=True)
-  report.write_report(results, workdir)
+  if multihost.is_writer():
+    report.write_report(results, workdir)
   log(f'wrote {results_path}, report.md, plots/')
   return results
 

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sleep_jax.studies import facts
+from sleep_jax import multihost
 from sleep_jax.studies import results as results_lib
 
 
@@ -163,6 +164,10 @@ def read_sessions(data_dir: str, world: WorldConfig, log=print):
   again: it is generated from the world's seed, so nothing is lost.
   """
   for attempt in (0, 1):
+    # Built once (process 0) into the shared data_dir; then every process
+    # finds it there.
+    multihost.once(f'world:{world.name}:{attempt}',
+                   lambda: build(data_dir, world))
     path = build(data_dir, world)
     try:
       source = load(data_dir, world)
