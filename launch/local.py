@@ -84,6 +84,9 @@ def run_workers(commands: Sequence[str], *, out=None,
     procs.append(subprocess.Popen(
         ['bash', '-c', command], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True))
+  for i, p in enumerate(procs):
+    out.write(f'launch.local: process {i} is pid {p.pid}\n')
+  out.flush()
   threads = [threading.Thread(target=_stream, args=(i, p, out), daemon=True)
              for i, p in enumerate(procs)]
   for t in threads:

@@ -251,7 +251,9 @@ class Lifecycle:
             + f'; {record["seconds"]:.0f} s')
 
   def _restore(self, ckpt: Checkpointer, initial: dict):
-    host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    # This process's own CPU device: on a pod each process reads the whole
+    # (small, host-side) state; jax.devices()[0] belongs to process 0.
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                        sharding=host),

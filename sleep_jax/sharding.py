@@ -127,7 +127,17 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = Non
   """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (fill)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices), key)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  # Tensor parallelism exchanges activations at every layer: across hosts
+  # that traffic would go over the network. Refused rather than slow.
+  for row in mesh.devices.reshape(-1, shape[-1]):
+    if len({d.process_index for d in row}) > 1:
+      local = sum(d.process_index == row[0].process_index for d in devices)
+      raise ValueError(
+          f'{key}.tensor={shape[-1]} spans processes (each has {local} '
+          f'device{"s" if local != 1 else ""}): keep the tensor axis within one host ({key}.tensor '
+          f'dividing {local}) and put the rest on data or fsdp.')
+  return mesh
 
 
 def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:

@@ -489,3 +489,50 @@ def test_two_processes_write_the_results_of_one(reference, env, tmp_path):
       np.asarray(jax_leaves(_without_seconds(got_seed)), float),
       np.asarray(jax_leaves(_without_seconds(ref_seed)), float), atol=1e-5)
   assert not [f for f in os.listdir(workdir) if f.endswith('.tmp')]
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_run_which_then_resumes(reference, env,
+                                                          tmp_path):
+  """kill -9 of process 1 during a sleep cycle: the launcher exits non-zero
+  naming it within a minute (process 0 does not hang in a collective); the
+  same command then resumes from the last saved cycle on both processes
+  and ends with the reference's numbers."""
+  ref_dir, _ = reference
+  workdir = _copy_of(ref_dir, tmp_path, parts=('data', 'base'))
+  command = [sys.executable, '-m', 'launch.local', '--processes=2', '--',
+             *_command(workdir, '--config.methods=("sleep",)',
+                       '--config.seeds=(1,)')]
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  pids, lines, killed_at = {}, [], None
+  deadline = time.time() + 600
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('launch.local: process '):
+      words = line.split()
+      pids[int(words[2])] = int(words[-1])
+    if killed_at is None and '[sleep seed 1] cycle 1/2:' in line:
+      os.kill(pids[1], signal.SIGKILL)   # a sleep cycle has begun
+      killed_at = time.time()
+    assert time.time() < deadline, ''.join(lines[-20:])
+  proc.wait(timeout=120)
+  assert killed_at is not None, ''.join(lines[-20:])
+  assert proc.returncode == 128 + signal.SIGKILL
+  assert time.time() - killed_at < 60
+  assert any('process 1 of 2 failed (killed by signal 9)' in l for l in lines)
+
+  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stdout[-3000:]
+  for i in range(2):
+    assert f'[p{i}] [sleep seed 1] resuming after cycle 1' in again.stdout
+  ref = json.load(open(os.path.join(ref_dir, 'results.json')))
+  got = json.load(open(os.path.join(workdir, 'results.json')))
+  [ref_seed] = [r for r in ref['methods']['sleep']['per_seed']
+                if r['seed'] == 1]
+  [got_seed] = got['methods']['sleep']['per_seed']
+  assert got_seed['acc_matrix'] == ref_seed['acc_matrix']
+  np.testing.assert_allclose(
+      np.asarray(jax_leaves(_without_seconds(got_seed)), float),
+      np.asarray(jax_leaves(_without_seconds(ref_seed)), float), atol=1e-5)

@@ -93,3 +93,17 @@ def test_train_lm_on_two_processes_matches_one_process(tmp_path):
   # One writer: the result files exist once, written by process 0.
   assert os.listdir(os.path.join(two, 'tensorboard'))
   assert os.path.exists(os.path.join(two, 'final_metrics.json'))
+
+
+def test_a_tensor_axis_across_processes_is_refused(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'launch.local', '--processes=2', '--',
+       sys.executable, '-m', 'experiments.train_lm',
+       '--config=experiments/configs/train_lm.py:smoke',
+       f'--workdir={tmp_path}', '--config.mesh.data=1',
+       '--config.mesh.tensor=2'],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+      env=_env())
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert ('[p0] error: mesh.tensor=2 spans processes (each has 1 device): '
+          'keep the tensor axis within one host') in result.stdout

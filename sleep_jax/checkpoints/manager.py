@@ -23,6 +23,7 @@ from absl import logging
 import grain
 import orbax.checkpoint as ocp
 
+from sleep_jax import multihost
 from sleep_jax.checkpoints import integrity
 
 
@@ -108,7 +109,8 @@ class Checkpointer:
         log(f'checkpoint {bad} is unreadable or not this run\'s '
             f'({type(e).__name__}: {" ".join(str(e).split())[:200]}); moved '
             f'to {aside}, falling back to the step before it.')
-        shutil.move(bad, aside)
+        # One process moves it (a shared directory), the others wait.
+        multihost.once(f'set-aside:{bad}', lambda: shutil.move(bad, aside))
         self.reload()
         continue
       return step, state, metadata
