@@ -467,37 +467,14 @@ def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_results_of_one(reference, env, tmp_path):
-  """`launch.local --processes=2`: two JAX processes (one CPU device each,
-  gloo collectives) run Sleep seed 1 on the reference's data and base
-  model; the one results.json they write holds the reference's numbers."""
-  ref_dir, _ = reference
-  workdir = _copy_of(ref_dir, tmp_path, parts=('data', 'base'))
-  proc = subprocess.run(
-      [sys.executable, '-m', 'launch.local', '--processes=2', '--',
-       *_command(workdir, '--config.methods=("sleep",)', '--config.seeds=(1,)')],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert '[p1] [sleep seed 1] cycle 2/2' in proc.stdout
-  ref = json.load(open(os.path.join(ref_dir, 'results.json')))
-  got = json.load(open(os.path.join(workdir, 'results.json')))
-  [ref_seed] = [r for r in ref['methods']['sleep']['per_seed']
-                if r['seed'] == 1]
-  [got_seed] = got['methods']['sleep']['per_seed']
-  assert got_seed['acc_matrix'] == ref_seed['acc_matrix']
-  np.testing.assert_allclose(
-      np.asarray(jax_leaves(_without_seconds(got_seed)), float),
-      np.asarray(jax_leaves(_without_seconds(ref_seed)), float), atol=1e-5)
-  assert not [f for f in os.listdir(workdir) if f.endswith('.tmp')]
-
-
-@pytest.mark.slow
 def test_a_killed_process_stops_the_run_which_then_resumes(reference, env,
                                                           tmp_path):
-  """kill -9 of process 1 during a sleep cycle: the launcher exits non-zero
-  naming it within a minute (process 0 does not hang in a collective); the
-  same command then resumes from the last saved cycle on both processes
-  and ends with the reference's numbers."""
+  """`launch.local --processes=2` (one CPU device each, gloo) runs Sleep
+  seed 1 on the reference's data and base model. kill -9 of process 1
+  during a sleep cycle: the launcher exits non-zero naming it within a
+  minute (process 0 does not hang in a collective); the same command then
+  resumes from the last saved cycle on both processes, and the one
+  results.json they write holds the single-process reference's numbers."""
   ref_dir, _ = reference
   workdir = _copy_of(ref_dir, tmp_path, parts=('data', 'base'))
   command = [sys.executable, '-m', 'launch.local', '--processes=2', '--',
@@ -536,3 +513,4 @@ def test_a_killed_process_stops_the_run_which_then_resumes(reference, env,
   np.testing.assert_allclose(
       np.asarray(jax_leaves(_without_seconds(got_seed)), float),
       np.asarray(jax_leaves(_without_seconds(ref_seed)), float), atol=1e-5)
+  assert not [f for f in os.listdir(workdir) if f.endswith('.tmp')]
