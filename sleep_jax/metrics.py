@@ -13,12 +13,14 @@ import jax
 from jax import monitoring
 import numpy as np
 
+from sleep_jax import multihost
+
 
 def write_json(path: str, value) -> None:
   """Writes `value` as JSON to `path` through a temporary file, so a crash
   mid-write leaves the previous version whole."""
-  if jax.process_index() != 0:
-    return  # one writer: every process holds the same values
+  if not multihost.is_writer():
+    return  # every process holds the same values
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(value, f, indent=2)

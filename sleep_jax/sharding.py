@@ -135,8 +135,9 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[Any] | None = Non
       local = sum(d.process_index == row[0].process_index for d in devices)
       raise ValueError(
           f'{key}.tensor={shape[-1]} spans processes (each has {local} '
-          f'device{"s" if local != 1 else ""}): keep the tensor axis within one host ({key}.tensor '
-          f'dividing {local}) and put the rest on data or fsdp.')
+          f'device{"s" if local != 1 else ""}): keep the tensor axis within '
+          f'one host ({key}.tensor dividing {local}) and put the rest on data '
+          'or fsdp.')
   return mesh
 
 

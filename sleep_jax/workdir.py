@@ -133,9 +133,9 @@ def check_same_run(workdir: str, identity: dict,
           f'(or move {workdir} aside).')
     if recorded is not None:
       return
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:
-    return  # one writer
+  from sleep_jax import multihost  # pylint: disable=g-import-not-at-top
+  if not multihost.is_writer():
+    return
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(identity, f, indent=2, sort_keys=True)
