@@ -29,8 +29,10 @@ import time
 from typing import Mapping, Sequence
 
 # How long the survivors get to exit on their own after one process fails
-# (JAX's heartbeat usually stops them first) before they are killed.
-GRACE_S = 5.0
+# before they are killed: long enough for JAX's runtime to declare the lost
+# peer dead (sleep_jax.sharding's 10 s heartbeat timeout) and for each
+# survivor to say which process it lost, as it would on a pod.
+GRACE_S = 30.0
 
 
 def worker_command(argv: Sequence[str], env: Mapping[str, str],
@@ -105,20 +107,30 @@ def run_workers(commands: Sequence[str], *, out=None,
     while time.monotonic() < deadline and any(p.poll() is None
                                               for p in procs):
       time.sleep(0.2)
-    for p in procs:
+    survivors = []
+    for i, p in enumerate(procs):
+      if i == failed:
+        continue
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        survivors.append(f'process {i} killed after {GRACE_S:.0f} s')
+      else:
+        survivors.append(f'process {i} ended on its own: {_why(p.returncode)}')
   for t in threads:
     t.join(timeout=5)
   if failed is not None:
-    why = (f'killed by signal {-status}' if status < 0
-           else f'exit status {status}')
-    out.write(f'error: process {failed} of {len(procs)} failed ({why}); '
-              'the others were stopped.\n')
+    out.write(f'error: process {failed} of {len(procs)} failed '
+              f'({_why(status)}); {"; ".join(survivors)}.\n')
     out.flush()
     return status if status > 0 else 128 - status
   return 0
+
+
+def _why(returncode: int) -> str:
+  if returncode < 0:
+    return f'killed by {signal.Signals(-returncode).name}'
+  return f'exit status {returncode}'
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -215,6 +215,21 @@ def _disk_full(e: BaseException) -> bool:
   return False
 
 
+def _name_lost_processes() -> None:
+  """On several processes an error is most often a lost peer (a collective
+  that broke): say which one, in one line, before this process stops."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sleep_jax import multihost, sharding  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return
+  lost = multihost.lost_processes(sharding.heartbeat_timeout_s() + 10)
+  if lost:
+    print(f'error: lost JAX process {", ".join(map(str, lost))} of '
+          f'{jax.process_count()} (it stopped answering the coordination '
+          f'service); process {jax.process_index()} stops too. Run the same '
+          'command again to resume.', file=sys.stderr, flush=True)
+
+
 def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:
@@ -241,8 +256,14 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
     try:
       if workdir_flag and flags.FLAGS[workdir_flag].value:
         with workdir_lib.lock(flags.FLAGS[workdir_flag].value):
-          return main(argv)
-      return main(argv)
+          status = main(argv)
+      else:
+        status = main(argv)
+      # Processes that finish apart (process 0 writes the report) leave
+      # together: JAX's shutdown barrier fails one that waits over 30 s.
+      from sleep_jax import multihost  # pylint: disable=g-import-not-at-top
+      multihost.barrier('end of run')
+      return status
     except app.UsageError as e:
       if _show_traceback():
         raise
@@ -260,6 +281,7 @@ def _guarded(main, workdir_flag: str | None, config_flag: str | None = None):
       # crash the interpreter's shutdown. Every file is whole already.
       _hard_exit(130)
     except Exception as e:  # pylint: disable=broad-except
+      _name_lost_processes()
       if _show_traceback():
         raise
       if _disk_full(e):

@@ -33,6 +33,7 @@ import optax
 from sleep_jax import growth
 from sleep_jax import metrics as metrics_lib
 from sleep_jax import sampling
+from sleep_jax import sharding as sharding_lib
 from sleep_jax.divergences import forward_kl
 from sleep_jax.models import cms
 from sleep_jax.models import lora
@@ -347,4 +348,4 @@ def colocate(adapter, params):
   if isinstance(placement, jax.sharding.NamedSharding):
     placement = jax.sharding.NamedSharding(placement.mesh,
                                            jax.sharding.PartitionSpec())
-  return jax.device_put(adapter, placement)
+  return sharding_lib.put(adapter, placement)

@@ -33,6 +33,7 @@ from sleep_jax import baselines
 from sleep_jax import dreaming
 from sleep_jax import growth
 from sleep_jax import seeding
+from sleep_jax import sharding as sharding_lib
 from sleep_jax import wake as wake_lib
 from sleep_jax.models import lora
 
@@ -232,7 +233,7 @@ def wake_cms(c: Cycle, anchored: bool) -> None:
   anchored = anchored and s.wake_anchor_weight > 0
   step, shardings = _wake_step(s.model, s.mesh, s.rules, s.batch_size,
                                rows['inputs'].shape[1], anchored)
-  state = jax.device_put(
+  state = sharding_lib.put(
       wake_lib.init_wake_state(s.model.config, params, model_state),
       shardings)
   batches = baselines.draw_batches(rows, s.wake_steps, s.batch_size, c.host)
@@ -248,7 +249,7 @@ def wake_cms(c: Cycle, anchored: bool) -> None:
     batches = {**batches, 'anchor_tokens': samples['tokens'],
                'anchor_mask': samples['mask']}
     # A copy: the wake state is donated and may share its buffers.
-    frozen = jax.device_put(c.pre_wake, (shardings.params,
+    frozen = sharding_lib.put(c.pre_wake, (shardings.params,
                                          shardings.model_state),
                             may_alias=False)
     anchor = {'params': frozen[0], 'model_state': frozen[1],

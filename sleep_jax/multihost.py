@@ -7,11 +7,15 @@ does once rather than once per process.
   others wait at a barrier, then lets every process go on (and read what it
   made from the shared workdir).
 
+* A lost peer named: after an error, `lost_processes` asks JAX's
+  coordination service which processes stopped answering.
+
 On one process every function here is free: no barrier, always the writer.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, TypeVar
 
 import jax
@@ -38,3 +42,29 @@ def once(name: str, fn: Callable[[], T]) -> T | None:
   value = fn() if is_writer() else None
   barrier(f'once:{name}')
   return value
+
+
+def lost_processes(timeout_s: float) -> list[int]:
+  """The processes JAX's coordination service no longer hears from ([] on
+  one process, when all answer, or when it cannot tell within `timeout_s`).
+
+  Blocks until every live process has asked too, or a silent one has
+  missed its heartbeat deadline (`sleep_jax.sharding.HEARTBEAT_TIMEOUT_S`);
+  JAX's runtime may stop this process first with its own message, which
+  names the lost task as well.
+  """
+  count = jax.process_count()
+  if count == 1:
+    return []
+  # No public API names the live processes; the runtime's client does.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None:
+    return []
+  answer = []
+  asking = threading.Thread(
+      target=lambda: answer.append(client.get_live_nodes(list(range(count)))),
+      daemon=True)
+  asking.start()
+  asking.join(timeout_s)
+  return sorted(set(range(count)) - set(answer[0])) if answer else []

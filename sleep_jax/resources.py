@@ -22,7 +22,7 @@ TRAINING_COPIES = 8
 def memory_limit() -> tuple[float, str]:
   """(bytes, what) the run may use: the first device's memory on an
   accelerator, else the host's physical memory."""
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   stats = device.memory_stats() if device.platform != 'cpu' else None
   if stats and stats.get('bytes_limit'):
     return float(stats['bytes_limit']), f'{device.device_kind} memory'

@@ -336,7 +336,7 @@ def _compile_seeding_step(model: nn.Module, cfg: SeedingConfig, level: int,
   def step(state, batch, teacher, slots_E, anchor=None):
     # Rollouts come from the sampler wherever it left them: lay the batch
     # out over the mesh here.
-    batch, slots_E = jax.device_put((batch, slots_E),
+    batch, slots_E = sharding_lib.put((batch, slots_E),
                                     (batch_shardings, replicated))
     if not anchored:
       return compiled(state, batch, teacher, slots_E)
@@ -405,7 +405,7 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
   """
   _check(model, model_state, level, cfg, judge, decode)
   mesh = mesh or sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
-                                        jax.devices()[:1])
+                                        jax.local_devices()[:1])
   rules = tuple(tuple(r) for r in rules)
   anchored = cfg.anchor_weight > 0
   sizes = (('batch_size', cfg.batch_size),
@@ -422,7 +422,7 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
   step_fn = compile_seeding_step(model, cfg, level, mesh, rules)
   shardings = step_fn.state_shardings
   # On the mesh first, so growth and reset see the same layout every cycle.
-  teacher = jax.device_put((params, model_state),
+  teacher = sharding_lib.put((params, model_state),
                            (shardings.params, shardings.model_state))
   faster = level - 1
   reset_slots = growth.active_slots(model_state, faster)
@@ -443,17 +443,17 @@ def consolidate(model: nn.Module, params, model_state, *, level: int,
   slots_E[slots] = True
   # A copy: the state is donated to the step, and must not take the caller's
   # (or the teacher's) buffers with it.
-  state = jax.device_put(
+  state = sharding_lib.put(
       init_seeding_state(cfg, student_params, student_state, level), shardings,
       may_alias=False)
-  slots_E = jax.device_put(jnp.asarray(slots_E), sharding_lib.replicated(mesh))
+  slots_E = sharding_lib.put(jnp.asarray(slots_E), sharding_lib.replicated(mesh))
   anchor = None
   if anchored:
     # The pre-wake model, frozen: the state above is a copy, so the student's
     # initial buffers outlive the donations. Derived keys of its own (a
     # fold_in, not a split of loop_rng), so that turning the anchor on or
     # off leaves every other draw as it was.
-    anchor = jax.device_put((student_params, student_state),
+    anchor = sharding_lib.put((student_params, student_state),
                             (shardings.params, shardings.model_state))
     anchor_rng = jax.random.fold_in(loop_rng, 1)
     anchor_host_rng = np.random.default_rng(

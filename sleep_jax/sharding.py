@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -49,13 +50,19 @@ HEARTBEAT_TIMEOUT_S = 10
 SHUTDOWN_TIMEOUT_S = 30
 
 
+def heartbeat_timeout_s() -> int:
+  """Seconds of silence after which a peer counts as lost
+  (SLEEP_JAX_HEARTBEAT_TIMEOUT_S overrides the default)."""
+  return int(os.environ.get('SLEEP_JAX_HEARTBEAT_TIMEOUT_S',
+                            HEARTBEAT_TIMEOUT_S))
+
+
 def distributed_env() -> dict[str, Any]:
   """The `jax.distributed.initialize` arguments the environment gives: the
   coordinator address, and the process count and id when a launcher sets
   JAX_NUM_PROCESSES / JAX_PROCESS_ID (`launch.local`); a Cloud TPU pod or
   SLURM leaves those unset and JAX finds them."""
-  kwargs = {'heartbeat_timeout_seconds': int(os.environ.get(
-                'SLEEP_JAX_HEARTBEAT_TIMEOUT_S', HEARTBEAT_TIMEOUT_S)),
+  kwargs = {'heartbeat_timeout_seconds': heartbeat_timeout_s(),
             'shutdown_timeout_seconds': SHUTDOWN_TIMEOUT_S}
   for key, env in (('coordinator_address', 'JAX_COORDINATOR_ADDRESS'),
                    ('num_processes', 'JAX_NUM_PROCESSES'),
@@ -210,6 +217,40 @@ def check_divisible(boxed_abstract_tree, mesh_sizes: Mapping[str, int], rules,
             f'fewer axes in {key}, or pick a size divisible by {ways}.')
 
 
+def put(tree, shardings, *, may_alias: bool | None = None):
+  """`jax.device_put(tree, shardings)` that also works when the shardings
+  span several processes (`shardings` may be a prefix of `tree`).
+
+  There, JAX cannot move an array from one process's device onto devices
+  of others (no cross-host transfer on CPU or GPU): every process holds the
+  same values (same seeds, same data), so each device's block is cut from
+  its own host copy. An array that already spans the processes is
+  resharded by a compiled copy.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings, may_alias=may_alias)
+
+  def one(x, sharding):
+    if sharding.is_fully_addressable:   # this process's devices only
+      return jax.device_put(x, sharding, may_alias=may_alias)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if may_alias is not False and x.sharding.is_equivalent_to(sharding,
+                                                                x.ndim):
+        return x
+      return jax.jit(jnp.copy, out_shardings=sharding)(x)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: host[index])
+
+  def put_subtree(sharding, subtree):
+    return jax.tree.map(lambda x: one(x, sharding), subtree)
+
+  if isinstance(shardings, jax.sharding.Sharding):
+    return put_subtree(shardings, tree)
+  return jax.tree.map(put_subtree, shardings, tree,
+                      is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+
+
 def place_like(tree, reference):
   """`tree` with each array on the sharding of its twin in `reference`.
 
@@ -217,7 +258,7 @@ def place_like(tree, reference):
   expect it: no resharding inside them, no recompilation.
   """
   return jax.tree.map(
-      lambda x, ref: jax.device_put(x, ref.sharding)
+      lambda x, ref: put(x, ref.sharding)
       if isinstance(ref, jax.Array) else x, tree, reference)
 
 

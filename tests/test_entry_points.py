@@ -4,6 +4,7 @@ benchmark's output format."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -84,6 +85,37 @@ def test_dreaming_benchmark_prints_both_ways_and_the_ratio_last():
                       lines[-1])
 
 
+def _on_two_processes(args, first_workdir, workdir, env):
+  """`python -m *args` (its --workdir last) under `launch.local
+  --processes=2 --devices-per-process=4` (the suite's 8 devices, split over
+  two processes) in `workdir`, restoring the base model `first_workdir`
+  trained; returns its results.json."""
+  shutil.copytree(first_workdir / 'base', workdir / 'base')
+  proc = _run('launch.local', '--processes=2', '--devices-per-process=4',
+              '--', sys.executable, '-m', *args[:-1], f'--workdir={workdir}',
+              env=env)
+  for i in range(2):
+    assert f'[p{i}] reusing the base model' in proc.stdout
+  return json.load(open(workdir / 'results.json'))
+
+
+def _assert_same_numbers(got, want, where=''):
+  """Equal structure and values, floats within 1e-6 (timings skipped)."""
+  if isinstance(want, dict):
+    assert sorted(got) == sorted(want), where
+    for k in want:
+      if 'seconds' not in k:
+        _assert_same_numbers(got[k], want[k], f'{where}/{k}')
+  elif isinstance(want, list):
+    assert len(got) == len(want), where
+    for i, (g, w) in enumerate(zip(got, want)):
+      _assert_same_numbers(g, w, f'{where}[{i}]')
+  elif isinstance(want, float) and not isinstance(got, bool):
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), where
+  else:
+    assert got == want, where
+
+
 @pytest.mark.slow
 def test_cms_recall_smoke_writes_results(tmp_path, compilation_cache):
   args = ['experiments.cms_recall',
@@ -111,6 +143,12 @@ def test_cms_recall_smoke_writes_results(tmp_path, compilation_cache):
   assert rerun['other_methods'] == {}
   assert rerun['base_model'] == results['base_model']
   assert rerun['base_recall'] == results['base_recall']
+  # The same study as two JAX processes: the same numbers.
+  two = _on_two_processes(args, tmp_path,
+                         tmp_path.parent / f'{tmp_path.name}-two',
+                         compilation_cache)
+  for key in ('methods', 'base_model', 'base_recall'):
+    assert two[key] == results[key], key
 
 
 def test_train_lm_cms_variants_and_bad_levels_fail_early():
@@ -156,6 +194,15 @@ def test_seeding_smoke_writes_results_and_bad_knobs_fail_early(
   assert rerun['runs'] == results['runs'] and rerun['other_runs'] == []
   assert rerun['teacher'] == results['teacher']
   assert rerun['base_model'] == results['base_model']
+  # Knowledge Seeding as two JAX processes: the same numbers.
+  two = _on_two_processes(args, tmp_path,
+                         tmp_path.parent / f'{tmp_path.name}-two',
+                         compilation_cache)
+  # Recall exactly; the training metrics to float tolerance (the gradient
+  # sums meet across processes over gloo, in another order).
+  _assert_same_numbers(two['runs'], results['runs'])
+  for key in ('teacher', 'base_model'):
+    assert two[key] == results[key], key
   proc = _run('experiments.seeding',
               '--config=experiments/configs/seeding.py:smoke',
               '--config.sleep.alpha=2', '--workdir=/tmp/unused', check=False)

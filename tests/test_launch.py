@@ -4,6 +4,7 @@ for `gcloud ... ssh --worker=all`, and launch/local.py's N-process runs.
 """
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -206,8 +207,12 @@ def test_local_fails_fast_naming_the_lost_process():
   t0 = time.monotonic()
   result = _local('--processes=2', '--', sys.executable, '-c', _DIES)
   assert result.returncode == 128 + 9, result.stdout + result.stderr
-  assert 'process 1 of 2 failed (killed by signal 9)' in result.stdout
+  assert 'process 1 of 2 failed (killed by SIGKILL)' in result.stdout
   assert time.monotonic() - t0 < 60
+  # Process 0 was not killed by the launcher: JAX's runtime stopped it,
+  # naming the task it lost (as it would on a pod, with no launcher).
+  assert 'process 0 ended on its own' in result.stdout, result.stdout[-3000:]
+  assert re.search(r'\[p0\] .*Task 1 heartbeat timeout', result.stdout)
 
 
 def test_local_usage_errors():

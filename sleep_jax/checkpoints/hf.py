@@ -372,7 +372,7 @@ def place_params(config: TransformerConfig, lookup, *, where: str,
                          jnp.ones((1, 1), jnp.int32))['params']
   abstract = nn.meta.unbox(boxed)
   if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   else:
     shardings = sharding_lib.logical_shardings(boxed, mesh, rules)

@@ -73,7 +73,7 @@ def _live_through_stream(method, model, params, model_state, config, sessions,
     for level in wake.wake_levels(model.config):
       params, model_state, _ = growth.grow(
           params, model_state, level, jax.random.key(config.seed + level))
-    ws = jax.device_put(
+    ws = sharding.put(
         wake.init_wake_state(model.config, params, model_state), wake_shardings)
   rng = np.random.default_rng(config.seed + 1)
   acc, base_acc = [], []

@@ -155,8 +155,10 @@ def setup(config) -> Setup:
   evaluated = _capped(evaluated, int(data.max_questions))
   judge = rewards.make_judge(config.judge.name,
                              threshold=config.judge.threshold)
+  # One device: on N processes each runs the whole study on its own first
+  # device (the same work, no collectives) and process 0 writes.
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1},
-                                jax.devices()[:1])
+                                jax.local_devices()[:1])
   return Setup(config, backbone, train, evaluated, judge, mesh,
                sharding_lib.DEFAULT_RULES)
 
@@ -327,7 +329,7 @@ def wake(s: Setup, b: qa.Backbone, params, model_state, passages, rng):
   width = int(s.config.widths.passage)
   rows = qa.text_rows(b, [p.context for p in passages], width)
   step, shardings = _wake_step(s, b.model, width)
-  state = jax.device_put(
+  state = sharding_lib.put(
       wake_lib.init_wake_state(b.model.config, params, model_state), shardings,
       may_alias=False)
   steps = int(s.config.wake.steps)

@@ -78,7 +78,7 @@ def _wake_teacher(model, params, model_state, config, data, mesh, rules):
   example = jnp.zeros((config.stream.batch_size, config.data.seq_len), jnp.int32)
   shardings = wake.wake_state_shardings(model, mesh, rules, example)
   step = wake.compile_wake_step(model, shardings, mesh, rules)
-  state = jax.device_put(wake.init_wake_state(model.config, params, model_state),
+  state = sharding.put(wake.init_wake_state(model.config, params, model_state),
                          shardings)
   steps = int(config.wake_steps)
   rng = np.random.default_rng(config.seed + 2)
