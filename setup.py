@@ -28,5 +28,8 @@ setuptools.setup(
         'test': ['pytest==9.2.0'],
         # tools/make_golden.py: the reference implementation for golden files.
         'golden': ['torch==2.13.0', 'transformers==5.23.0'],
+        # benchmarks/peers.py: the PyTorch side of the side-by-side timing.
+        'peers': ['torch==2.13.0', 'transformers==5.23.0',
+                  'accelerate==1.15.0'],
     },
 )

@@ -29,6 +29,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +115,8 @@ class Theirs:
     directory, name = os.path.split(path)
     self.model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=name, dtype=torch.float32)
+    # No end-of-sequence stop on either side: both make every token.
+    self.model.generation_config.eos_token_id = None
     self.generation = transformers.GenerationConfig(
         do_sample=False, eos_token_id=None, pad_token_id=0)
 
@@ -128,7 +131,7 @@ class Theirs:
       out = self.model.generate(
           input_ids=prompt, attention_mask=torch.ones_like(prompt),
           generation_config=self.generation, max_new_tokens=new_tokens,
-          min_new_tokens=new_tokens, use_cache=True)
+          use_cache=True)
     return out[:, prompt.shape[1]:].numpy()
 
   def train_step(self):
@@ -155,7 +158,7 @@ class Theirs:
                                      OPTIMIZER['grad_clip'])
       optimizer.step()
       optimizer.zero_grad(set_to_none=True)
-      return float(loss)
+      return loss.detach().item()
     return run
 
 
@@ -173,6 +176,7 @@ def _torch_best(theirs: Theirs, fn, repeats: int) -> tuple[float, int]:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # optax's schedule notice
   path = _GGUF.value or assets.path('smollm2-135m')
   print(timing.device_line())
   import torch  # pylint: disable=g-import-not-at-top

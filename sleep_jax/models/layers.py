@@ -54,6 +54,19 @@ def lora_delta(module: nn.Module, kernel_name: str, x, input_ndim: int,
   return (h_TxR @ adapter['b'].astype(x.dtype)).reshape(lead + tuple(out_shape))
 
 
+def token_matmul(x, kernel, input_ndim: int = 1):
+  """x [..., *in] @ kernel [*in, *out] as one 2-D [tokens, in] x [in, out]
+  matmul. XLA:CPU runs the weight gradient of a contraction over separate
+  batch and length axes through transposed copies of the activations (the
+  SmolLM2-135M train step: 1.5x slower MLP backward than flattened)."""
+  lead = x.shape[:x.ndim - input_ndim]
+  in_shape = x.shape[x.ndim - input_ndim:]
+  out_shape = kernel.shape[input_ndim:]
+  y = x.reshape(math.prod(lead), math.prod(in_shape)) @ kernel.reshape(
+      math.prod(in_shape), math.prod(out_shape))
+  return y.reshape(lead + out_shape)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm computed in float32, scaled by a learned per-feature weight."""
 
@@ -115,7 +128,7 @@ class Attention(nn.Module):
         nn.with_logical_partitioning(_kernel_init(cfg.d_model),
                                      ('embed', head_axis, 'head_dim')),
         (cfg.d_model, heads, hd), jnp.float32)
-    y = jnp.einsum('bld,dnh->blnh', x, kernel.astype(cfg.compute_dtype))
+    y = token_matmul(x, kernel.astype(cfg.compute_dtype))
     y = y + lora_delta(self, f'{name}_kernel', x, 1, (heads, hd))
     if cfg.qkv_bias:
       bias = self.param(
@@ -182,8 +195,8 @@ class Attention(nn.Module):
         nn.with_logical_partitioning(_kernel_init(cfg.num_heads * hd),
                                      ('heads', 'head_dim', 'embed')),
         (cfg.num_heads, hd, cfg.d_model), jnp.float32)
-    y_BxLxD = jnp.einsum('blnh,nhd->bld', out_BxLxHxDh,
-                         o_kernel.astype(cfg.compute_dtype))
+    y_BxLxD = token_matmul(out_BxLxHxDh, o_kernel.astype(cfg.compute_dtype),
+                           input_ndim=2)
     y_BxLxD = y_BxLxD + lora_delta(self, 'o_kernel', out_BxLxHxDh, 2,
                                    (cfg.d_model,))
     return y_BxLxD, new_cache
@@ -209,8 +222,8 @@ class SwiGLU(nn.Module):
     gate = kernel('gate_kernel', (cfg.d_model, width), ('embed', 'mlp'), cfg.d_model)
     up = kernel('up_kernel', (cfg.d_model, width), ('embed', 'mlp'), cfg.d_model)
     down = kernel('down_kernel', (width, cfg.d_model), ('mlp', 'embed'), width)
-    project = lambda x, w, name: x @ w + lora_delta(self, name, x, 1,
-                                                    (w.shape[-1],))
+    project = lambda x, w, name: token_matmul(x, w) + lora_delta(
+        self, name, x, 1, (w.shape[-1],))
     h_BxLxF = (jax.nn.silu(project(x_BxLxD, gate, 'gate_kernel'))
                * project(x_BxLxD, up, 'up_kernel'))
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'mlp'))
