@@ -177,6 +177,8 @@ def _torch_best(theirs: Theirs, fn, repeats: int) -> tuple[float, int]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # optax's schedule notice
+  # transformers' GGUF conversion bar; tqdm reads this when it is imported.
+  os.environ.setdefault('TQDM_DISABLE', '1')
   path = _GGUF.value or assets.path('smollm2-135m')
   print(timing.device_line())
   import torch  # pylint: disable=g-import-not-at-top
