@@ -45,10 +45,8 @@ def lora_delta(module: nn.Module, kernel_name: str, x, input_ndim: int,
     return 0.0
   adapter = module.get_variable(LORA_COLLECTION, kernel_name)
   lead = x.shape[:x.ndim - input_ndim]
-  # One 2-D [tokens, in] matrix: with the batch and length axes kept apart,
-  # XLA:CPU turns the adapter gradients' contractions over them into strided
-  # transposed copies of fused elementwise work (an SFT step of one LoRA on
-  # 64 rows of 29 tokens: 122 ms, against 67 ms flattened).
+  # One 2-D [tokens, in] matrix, for the reason token_matmul gives (an SFT
+  # step of one LoRA on 64 rows of 29 tokens: 122 ms, against 67 ms flat).
   x_TxI = x.reshape(math.prod(lead), -1)
   h_TxR = x_TxI @ adapter['a'].astype(x.dtype)
   return (h_TxR @ adapter['b'].astype(x.dtype)).reshape(lead + tuple(out_shape))
@@ -56,9 +54,10 @@ def lora_delta(module: nn.Module, kernel_name: str, x, input_ndim: int,
 
 def token_matmul(x, kernel, input_ndim: int = 1):
   """x [..., *in] @ kernel [*in, *out] as one 2-D [tokens, in] x [in, out]
-  matmul. XLA:CPU runs the weight gradient of a contraction over separate
-  batch and length axes through transposed copies of the activations (the
-  SmolLM2-135M train step: 1.5x slower MLP backward than flattened)."""
+  matmul. With the batch and length axes kept apart, XLA:CPU forms the
+  weight gradient's contraction over them through strided transposed copies
+  of the activations (the SmolLM2-135M train step: 1.5x slower MLP backward
+  than flattened). lora_delta flattens its input for the same reason."""
   lead = x.shape[:x.ndim - input_ndim]
   in_shape = x.shape[x.ndim - input_ndim:]
   out_shape = kernel.shape[input_ndim:]
