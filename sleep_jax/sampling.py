@@ -1,5 +1,17 @@
 """The one sampler: KV-cache prefill, then a jitted `lax.while_loop` decode.
 
+The decode loop tests its stop condition (every row done, or
+`max_new_tokens` reached) once per `steps_per_check` steps: the steps in
+between run as an inner loop of known trip count. On a GPU, XLA copies a
+while loop's condition to the host and waits for it on every iteration,
+unless the trip count is known; so checking once per step would stall the
+host on the device after each token, while a block lets it queue the next
+steps' kernels. Steps past the end of a block write nothing (a row that is
+done, or a step past `max_new_tokens`, records nothing), so every
+`steps_per_check` gives the same tokens. Elsewhere the default is 1 (no
+wasted steps): XLA:CPU runs the loop on the host, and a TPU program keeps
+its loop control on the chip.
+
 Padding: prompts may be right-padded (`padding_side='right'`, the default:
 row b holds its prompt in columns [0, len_b)) or left-padded
 (`padding_side='left'`: columns [P - len_b, P)). Left-padded rows are shifted
@@ -85,7 +97,12 @@ class _LoopState(NamedTuple):
 
 
 _STATIC_ARGS = ('model', 'random_expert', 'max_new_tokens', 'temperature',
-                'top_k', 'top_p', 'eos_id', 'pad_id', 'padding_side')
+                'top_k', 'top_p', 'eos_id', 'pad_id', 'padding_side',
+                'steps_per_check')
+
+# Decode steps per stop-condition check by backend (module docstring): a
+# GPU waits for the host at every check; the others do not.
+_STEPS_PER_CHECK = {'gpu': 8}
 
 
 def _random_expert_args(rng, random_expert: bool):
@@ -112,12 +129,13 @@ def _initial_state(cache, lengths_B, rng, max_new_tokens, pad_id) -> _LoopState:
 
 
 def _record(state: _LoopState, token_B, logprob_B, eos_id, pad_id):
-  """Writes step `state.step`'s token for the rows that are still running."""
-  live = ~state.done
+  """Writes step `state.step`'s token for the rows that are still running;
+  a step past `max_new_tokens` (the end of a block) writes nothing."""
+  live = ~state.done & (state.step < state.tokens.shape[1])
   token_B = jnp.where(live, token_B, pad_id)
   logprob_B = jnp.where(live, logprob_B, 0.0)
-  tokens = state.tokens.at[:, state.step].set(token_B)
-  logprobs = state.logprobs.at[:, state.step].set(logprob_B)
+  tokens = state.tokens.at[:, state.step].set(token_B, mode='drop')
+  logprobs = state.logprobs.at[:, state.step].set(logprob_B, mode='drop')
   lengths = state.lengths + live.astype(jnp.int32)
   done = state.done
   if eos_id is not None:
@@ -128,7 +146,7 @@ def _record(state: _LoopState, token_B, logprob_B, eos_id, pad_id):
 @functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
 def _sample_cached(model, variables, prompt_BxP, lengths_B, rng, *,
                    max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
-                   padding_side, random_expert):
+                   padding_side, random_expert, steps_per_check):
   batch, prompt_len = prompt_BxP.shape
   expert_args = _random_expert_args(rng, random_expert)
   if padding_side == 'left':
@@ -163,15 +181,21 @@ def _sample_cached(model, variables, prompt_BxP, lengths_B, rng, *,
                       position=s.position + 1, done=done, tokens=tokens,
                       logprobs=logprobs, lengths=lengths, rng=rng)
 
-  state = jax.lax.while_loop(cond, body, state)
+  def block(s: _LoopState):
+    return jax.lax.fori_loop(0, steps_per_check, lambda _, s: body(s), s)
+
+  state = jax.lax.while_loop(cond, body if steps_per_check == 1 else block,
+                             state)
   return SampleOutput(state.tokens, state.logprobs, state.lengths)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
 def _sample_recompute(model, variables, prompt_BxP, lengths_B, rng, *,
                       max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
-                      padding_side, random_expert):
-  """Reference decoding without a cache: a full forward pass per new token."""
+                      padding_side, random_expert, steps_per_check):
+  """Reference decoding without a cache: a full forward pass per new token,
+  its stop condition checked every step (`steps_per_check` is unused)."""
+  del steps_per_check
   batch, prompt_len = prompt_BxP.shape
   expert_args = _random_expert_args(rng, random_expert)
   if padding_side == 'left':
@@ -234,7 +258,8 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
            max_new_tokens: int, rng, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
            padding_side: str = 'right', use_cache: bool = True,
-           model_state=None, random_expert: bool = False) -> SampleOutput:
+           model_state=None, random_expert: bool = False,
+           steps_per_check: int | None = None) -> SampleOutput:
   """Samples `max_new_tokens` continuations of a padded prompt batch.
 
   Args:
@@ -255,6 +280,9 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
       masks, {'cms': ...}); None for a plain model.
     random_expert: CMS models only: every level adds one uniformly random
       active expert per token (dreaming, docs/design.md §5-6).
+    steps_per_check: decode steps between checks of the stop condition
+      (module docstring); None = 8 on a GPU, 1 elsewhere. The tokens are
+      the same for every value.
 
   Returns:
     SampleOutput(tokens int32[B, N], logprobs f32[B, N], lengths int32[B]).
@@ -269,8 +297,14 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
   fn = _sample_cached if use_cache else _sample_recompute
   if random_expert and model.config.mlp != 'cms':
     raise ValueError("random_expert=True needs a CMS model (mlp='cms').")
+  if steps_per_check is None:
+    steps_per_check = _STEPS_PER_CHECK.get(jax.default_backend(), 1)
+  if steps_per_check < 1:
+    raise ValueError(f'steps_per_check={steps_per_check} must be >= 1 (1 = '
+                     'check the stop condition after every token).')
   return fn(model, variables(params, model_state), prompt_tokens,
             prompt_lengths, rng, random_expert=bool(random_expert),
             max_new_tokens=int(max_new_tokens), temperature=float(temperature),
             top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
-            pad_id=int(pad_id), padding_side=padding_side)
+            pad_id=int(pad_id), padding_side=padding_side,
+            steps_per_check=int(steps_per_check))

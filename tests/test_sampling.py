@@ -1,5 +1,7 @@
 """The KV-cache sampler against full-recompute decoding and the forward pass."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -114,6 +116,48 @@ def test_cached_sampling_equals_recompute_sampling_with_same_rng():
   a = sampling.sample(MODEL, PARAMS, right, LENGTHS, **kw)
   b = sampling.sample(MODEL, PARAMS, right, LENGTHS, use_cache=False, **kw)
   np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize('steps_per_check', [3, 8])
+def test_blocks_of_steps_give_the_same_tokens(steps_per_check):
+  """Checking the stop condition once per block (what a GPU gets by
+  default) changes nothing: not the tokens after EOS, not a row's length,
+  not the draws (10 is not a multiple of 3 or 8; every row stops early)."""
+  right, _ = _prompts(3)
+  free = _greedy(right, 'right', True, n=10)
+  eos = int(free.tokens[1, 2])
+  for kw in (dict(eos_id=eos, pad_id=-1), dict(temperature=0.9, top_k=20)):
+    one, block = (sampling.sample(MODEL, PARAMS, right, LENGTHS,
+                                  max_new_tokens=10, rng=jax.random.key(4),
+                                  steps_per_check=k, **kw)
+                  for k in (1, steps_per_check))
+    for a, b in zip(one, block):
+      np.testing.assert_array_equal(a, b)
+  assert int(one.lengths.max()) == 10
+  everyone_stops = dict(eos_id=eos, pad_id=-1, steps_per_check=steps_per_check)
+  short = _greedy(right, 'right', True, n=10, **everyone_stops)
+  assert int(short.lengths[1]) == 3
+
+
+def test_a_block_of_steps_is_a_loop_of_known_trip_count():
+  """XLA marks the inner loop with its trip count, which is what lets a
+  GPU run it without copying the condition to the host each step."""
+  right, _ = _prompts()
+  lowered = sampling._sample_cached.lower(
+      MODEL, {'params': PARAMS}, right, LENGTHS, jax.random.key(0),
+      random_expert=False, max_new_tokens=12, temperature=0.0, top_k=0,
+      top_p=1.0, eos_id=5, pad_id=0, padding_side='right', steps_per_check=4)
+  loops = {}  # the decode's while loops by name: trip count or None
+  for line in lowered.compile().as_text().splitlines():
+    name = re.search(r'op_name="jit\(_sample_cached\)/(while(/body/while)?)"',
+                     line)
+    if ' while(' in line and name:
+      count = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+      loops[name.group(1)] = count and int(count.group(1))
+  assert loops == {'while': None, 'while/body/while': 4}, loops
+  with pytest.raises(ValueError, match='steps_per_check=0 must be >= 1'):
+    sampling.sample(MODEL, PARAMS, right, LENGTHS, max_new_tokens=2,
+                    rng=jax.random.key(0), steps_per_check=0)
 
 
 def test_sampler_compiles_once_per_shape(compile_counter):
