@@ -97,8 +97,7 @@ class _LoopState(NamedTuple):
 
 
 _STATIC_ARGS = ('model', 'random_expert', 'max_new_tokens', 'temperature',
-                'top_k', 'top_p', 'eos_id', 'pad_id', 'padding_side',
-                'steps_per_check')
+                'top_k', 'top_p', 'eos_id', 'pad_id', 'padding_side')
 
 # Decode steps per stop-condition check by backend (module docstring): a
 # GPU waits for the host at every check; the others do not.
@@ -143,7 +142,8 @@ def _record(state: _LoopState, token_B, logprob_B, eos_id, pad_id):
   return tokens, logprobs, lengths, done
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
+@functools.partial(jax.jit,
+                   static_argnames=_STATIC_ARGS + ('steps_per_check',))
 def _sample_cached(model, variables, prompt_BxP, lengths_B, rng, *,
                    max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
                    padding_side, random_expert, steps_per_check):
@@ -192,10 +192,9 @@ def _sample_cached(model, variables, prompt_BxP, lengths_B, rng, *,
 @functools.partial(jax.jit, static_argnames=_STATIC_ARGS)
 def _sample_recompute(model, variables, prompt_BxP, lengths_B, rng, *,
                       max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
-                      padding_side, random_expert, steps_per_check):
+                      padding_side, random_expert):
   """Reference decoding without a cache: a full forward pass per new token,
-  its stop condition checked every step (`steps_per_check` is unused)."""
-  del steps_per_check
+  its stop condition checked every step."""
   batch, prompt_len = prompt_BxP.shape
   expert_args = _random_expert_args(rng, random_expert)
   if padding_side == 'left':
@@ -281,8 +280,8 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
     random_expert: CMS models only: every level adds one uniformly random
       active expert per token (dreaming, docs/design.md §5-6).
     steps_per_check: decode steps between checks of the stop condition
-      (module docstring); None = 8 on a GPU, 1 elsewhere. The tokens are
-      the same for every value.
+      of the cached decoder (module docstring); None = 8 on a GPU, 1
+      elsewhere. The tokens are the same for every value.
 
   Returns:
     SampleOutput(tokens int32[B, N], logprobs f32[B, N], lengths int32[B]).
@@ -294,7 +293,6 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
   if top_k > model.config.vocab_size:
     raise ValueError(f'top_k={top_k} exceeds the vocabulary '
                      f'({model.config.vocab_size}); use 0 to disable top-k.')
-  fn = _sample_cached if use_cache else _sample_recompute
   if random_expert and model.config.mlp != 'cms':
     raise ValueError("random_expert=True needs a CMS model (mlp='cms').")
   if steps_per_check is None:
@@ -302,9 +300,12 @@ def sample(model: nn.Module, params, prompt_tokens, prompt_lengths, *,
   if steps_per_check < 1:
     raise ValueError(f'steps_per_check={steps_per_check} must be >= 1 (1 = '
                      'check the stop condition after every token).')
+  fn = _sample_recompute
+  if use_cache:
+    fn = functools.partial(_sample_cached,
+                           steps_per_check=int(steps_per_check))
   return fn(model, variables(params, model_state), prompt_tokens,
             prompt_lengths, rng, random_expert=bool(random_expert),
             max_new_tokens=int(max_new_tokens), temperature=float(temperature),
             top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
-            pad_id=int(pad_id), padding_side=padding_side,
-            steps_per_check=int(steps_per_check))
+            pad_id=int(pad_id), padding_side=padding_side)

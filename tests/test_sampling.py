@@ -122,7 +122,8 @@ def test_cached_sampling_equals_recompute_sampling_with_same_rng():
 def test_blocks_of_steps_give_the_same_tokens(steps_per_check):
   """Checking the stop condition once per block (what a GPU gets by
   default) changes nothing: not the tokens after EOS, not a row's length,
-  not the draws (10 is not a multiple of 3 or 8; every row stops early)."""
+  not the draws (10 steps, not a multiple of 3 or 8; with EOS, row 1
+  stops after 3)."""
   right, _ = _prompts(3)
   free = _greedy(right, 'right', True, n=10)
   eos = int(free.tokens[1, 2])
