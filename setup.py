@@ -25,7 +25,7 @@ setuptools.setup(
                  'benchmarks', 'benchmarks.*', 'launch']),
     install_requires=_requirements(),
     extras_require={
-        'test': ['pytest==9.2.0'],
+        'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
         # tools/make_golden.py: the reference implementation for golden files.
         'golden': ['torch==2.13.0', 'transformers==5.23.0'],
         # benchmarks/peers.py: the PyTorch side of the side-by-side timing.

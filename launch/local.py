@@ -30,8 +30,13 @@ from typing import Mapping, Sequence
 
 # How long the survivors get to exit on their own after one process fails
 # before they are killed: long enough for JAX's runtime to declare the lost
-# peer dead (sleep_jax.sharding's 10 s heartbeat timeout) and for each
-# survivor to say which process it lost, as it would on a pod.
+# peer dead (sleep_jax.sharding's 10 s heartbeat timeout), as it would on a
+# pod. What a survivor prints first is a race: inside a collective, Python
+# sees the error and sleep_jax.cli prints "lost JAX process 1 of 2"; in the
+# middle of a computation, the runtime's error-polling thread aborts the
+# process in native code (SIGABRT) with its own log lines and Python prints
+# nothing. So the one line a user can rely on is the launcher's last line,
+# `error: process I of N failed (...); process J ended on its own: ...`.
 GRACE_S = 30.0
 
 

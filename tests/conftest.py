@@ -47,6 +47,27 @@ def pytest_configure(config):
       'with -m "not slow"')
 
 
+# The files whose end-to-end runs take longest, longest first. pytest.ini
+# gives each of the two xdist workers whole files in collection order
+# (module fixtures such as test_continual's reference run are built once),
+# so these start first, one on each worker, and the many short files fill
+# in around them instead of waiting at the end.
+LONGEST_FILES = ('test_continual.py', 'test_knowledge.py',
+                 'test_entry_points.py', 'test_multiprocess.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  here = os.path.dirname(os.path.abspath(__file__))
+  missing = [f for f in LONGEST_FILES
+             if not os.path.exists(os.path.join(here, f))]
+  if missing:
+    raise pytest.UsageError(f'tests/conftest.py LONGEST_FILES names {missing},'
+                            ' which do not exist; update the list.')
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @contextlib.contextmanager
 def count_compilations():
   """Counts XLA backend compilations inside the block: `with ... as n: ...; n()`."""

@@ -1,11 +1,16 @@
 """The main job, `python -m experiments.continual`: outputs, kill -9 and
-resume, a corrupted checkpoint, and bad configs failing before compiling.
+resume, a corrupted checkpoint, held-out items that reach nothing, and a
+method added in one place.
 
-One uninterrupted smoke run of all ten methods (the CI variant) is the
-reference; a second workdir runs Sleep seed 1 alone, is killed with SIGKILL
-during a sleep cycle, resumed, then has its newest checkpoint truncated and
-is run again: its results and final params must equal the reference's seed
-1. The runs share a compilation cache (conftest.compilation_cache).
+One uninterrupted smoke run of all fourteen methods, two seeds (the CI
+variant), is the module's reference: it alone builds the world and trains
+the base model. The other runs start from a copy of its `data/` and `base/`
+(or of the whole workdir) and must reproduce its numbers: Sleep seed 1
+alone, killed with SIGKILL during a sleep cycle, resumed, then run again on
+a corrupted newest checkpoint. The poisoned-items run alone builds its own
+base model, so that the check covers base training too. The runs share a
+compilation cache (conftest.compilation_cache), so a run after the first
+loads its programs instead of compiling them.
 """
 
 import json
@@ -246,7 +251,7 @@ def test_divergence_without_nan_stops_naming_the_rate(reference, env,
 def test_kill_resume_and_corrupt_checkpoint_equal_uninterrupted(reference, env,
                                                                 tmp_path):
   ref_dir, _ = reference
-  workdir = str(tmp_path / 'killed')
+  workdir = _copy_of(ref_dir, tmp_path, parts=('data', 'base'))
   # Sleep seed 1 alone: seeds are independent runs, so its numbers and state
   # must equal seed 1's of the all-method reference.
   methods = ['--config.methods=("sleep",)', '--config.seeds=(1,)']
@@ -423,50 +428,6 @@ def jax_leaves(tree):
   return jax.tree.leaves(tree)
 
 
-def test_bad_configs_fail_before_compiling(tmp_path, compile_counter, env):
-  cases = [
-      (dict(sleep_alpha=2.0), 'sleep.alpha=2'),
-      (dict(chunks=(2, 3)), r'model.cms_levels\[1\].chunk_size=3'),
-      (dict(methods=['sleep', 'bogus']), 'bogus'),
-      (dict(num_experts=2), r'model.cms_levels\[1\].num_experts=2 is too small'),
-      (dict(lora_rank=0), 'lora.rank=0'),
-      (dict(judge='teacher'), "sleep.judge='teacher' is not available"),
-      (dict(wake_anchor=-1.0), 'wake.anchor_weight=-1.0 must be >= 0'),
-      (dict(per_method_judge='embedding'),
-       r"sleep_per_method.sleep sets \['judge'\]"),
-  ]
-  for change, message in cases:
-    config = continual_config.get_config('smoke')
-    if 'sleep_alpha' in change:
-      config.sleep.alpha = change['sleep_alpha']
-    if 'judge' in change:
-      config.sleep.judge = change['judge']
-    if 'wake_anchor' in change:
-      config.wake.anchor_weight = change['wake_anchor']
-    if 'per_method_judge' in change:
-      config.sleep_per_method.sleep = {'judge': change['per_method_judge']}
-    if 'chunks' in change:
-      for level, chunk in zip(config.model.cms_levels, change['chunks']):
-        level['chunk_size'] = chunk
-    if 'methods' in change:
-      config.methods = change['methods']
-    if 'num_experts' in change:
-      config.model.cms_levels[1].update(num_experts=change['num_experts'],
-                                        top_k=change['num_experts'] + 1)
-    if 'lora_rank' in change:
-      config.baselines.lora_rank = change['lora_rank']
-    workdir = tmp_path / 'never'
-    with compile_counter() as compiled:
-      with pytest.raises(ValueError, match=message):
-        continual.run(config, str(workdir))
-    assert compiled() == 0 and not workdir.exists()
-  # The command line fails the same way, naming the key.
-  proc = subprocess.run(_command(tmp_path / 'cli', '--config.sleep.alpha=2'),
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and 'sleep.alpha=2' in proc.stderr
-  assert 'base model' not in proc.stdout
-
-
 @pytest.mark.slow
 def test_a_killed_process_stops_the_run_which_then_resumes(reference, env,
                                                           tmp_path):
@@ -498,12 +459,14 @@ def test_a_killed_process_stops_the_run_which_then_resumes(reference, env,
   assert killed_at is not None, ''.join(lines[-20:])
   assert proc.returncode == 128 + signal.SIGKILL
   assert time.time() - killed_at < 60
-  assert any('process 1 of 2 failed (killed by SIGKILL)' in l for l in lines)
-  # Process 0 stopped by itself, naming the process it lost: in our one
-  # line, or in JAX's runtime's own when that stops it first.
-  assert any('process 0 ended on its own' in l for l in lines), lines[-5:]
-  assert [l for l in lines if re.match(
-      r'\[p0\] .*(lost JAX process 1 of 2|Task 1 heartbeat timeout)', l)]
+  # The user's one line names the lost process, and process 0 stopped by
+  # itself (no hang in a collective). What process 0 printed first is not
+  # checked: JAX's runtime may abort it in native code before Python can
+  # speak (launch/local.py, GRACE_S).
+  assert re.fullmatch(
+      r'error: process 1 of 2 failed \(killed by SIGKILL\); process 0 ended '
+      r'on its own: (exit status \d+|killed by SIG[A-Z]+)\.', lines[-1].strip()
+  ), lines[-5:]
 
   # Resumed, with every path each process writes logged (Python's audit
   # hooks): only process 0 writes the results.

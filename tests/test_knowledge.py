@@ -1,4 +1,5 @@
-"""The knowledge-incorporation study (sleep_jax.studies.knowledge)."""
+"""The knowledge-incorporation study (sleep_jax.studies.knowledge and its
+knowledge_setup, knowledge_rows and knowledge_plan modules)."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from sleep_jax.models import lora
 from sleep_jax.studies import knowledge
 from sleep_jax.studies import knowledge_plan
 from sleep_jax.studies import knowledge_qa as qa
+from sleep_jax.studies import knowledge_rows
 
 
 @pytest.fixture(scope='module')
@@ -36,22 +38,24 @@ def test_fixture_split_has_only_answerable_and_disjoint(smoke_setup):
 def test_backbone_with_fast_levels_computes_the_backbone(smoke_setup):
   b = smoke_setup.backbone
   assert b.model.config.mlp == 'cms'
-  assert len(b.model.config.cms_levels) == 2
+  # Two fast levels (smoke: the `sleep_levels` backbone's) and the MLP.
+  assert len(b.model.config.cms_levels) == 3
   # No fast expert is active before wake: fast levels add nothing yet.
   assert growth.active_slots(b.model_state, 0) == []
+  assert growth.active_slots(b.model_state, 1) == []
 
 
 def test_lora_copies_are_isolated(smoke_setup):
   """Copy 0's LoRA is the same whatever copy 1 trains on."""
   s = smoke_setup
   b = s.backbone
-  cfg = knowledge.lora_sft(s.config.finetune)
+  cfg = knowledge_rows.lora_sft(s.config.finetune)
   texts = [p.context for p in s.eval]
   rows = [qa.text_rows(b, [t], 64) for t in texts]
 
   def fit(other):
-    data = knowledge._copy_data([rows[0], rows[other]], 2, 1, 1e-2,
-                                np.random.default_rng(0))
+    data = knowledge_rows._copy_data([rows[0], rows[other]], 2, 1, 1e-2,
+                                     np.random.default_rng(0))
     return dream_sft.fit_copies(b.model, cfg, b.params, b.model_state,
                                 jax.random.key(0), data)
 
@@ -71,7 +75,7 @@ def test_dream_unrewarded_reads_no_items_and_trains_only_the_new_expert(
       dict(s.config.dreaming.to_dict(), rehearse_learning_rate=1e-1))
   params, state, slot = growth.grow(b.params, b.model_state, 1,
                                     jax.random.key(1))
-  tasks = knowledge.edit_tasks(s, s.eval, with_items=False)
+  tasks = knowledge_rows.edit_tasks(s, s.eval, with_items=False)
   assert tasks.items == {}   # nothing about the questions is there to read
   out = dreaming.dream_unrewarded(
       b.model, cfg, params, state, tasks, jax.random.key(2), level=1,
@@ -106,7 +110,10 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
   config = knowledge_config.get_config('smoke')
   workdir = str(tmp_path)
   results = knowledge.run(config, workdir, log=lambda m: None)
-  for row in knowledge.ROWS:
+  # Every row asked for (all but the two dreaming ablations), and only those.
+  assert set(results['rows']) == set(config.rows)
+  assert len(config.rows) == len(knowledge.ROWS) - 2
+  for row in config.rows:
     for regime in knowledge.REGIMES:
       entry = results['rows'][row][regime]
       assert set(knowledge.GRADERS) <= set(entry), (row, regime)

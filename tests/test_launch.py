@@ -207,12 +207,15 @@ def test_local_fails_fast_naming_the_lost_process():
   t0 = time.monotonic()
   result = _local('--processes=2', '--', sys.executable, '-c', _DIES)
   assert result.returncode == 128 + 9, result.stdout + result.stderr
-  assert 'process 1 of 2 failed (killed by SIGKILL)' in result.stdout
   assert time.monotonic() - t0 < 60
-  # Process 0 was not killed by the launcher: JAX's runtime stopped it,
-  # naming the task it lost (as it would on a pod, with no launcher).
-  assert 'process 0 ended on its own' in result.stdout, result.stdout[-3000:]
-  assert re.search(r'\[p0\] .*Task 1 heartbeat timeout', result.stdout)
+  # The last line names the lost process, and process 0 was not killed by
+  # the launcher: JAX's runtime stopped it (as it would on a pod, with no
+  # launcher). Whether process 0 printed the runtime's reason first is a
+  # race (launch/local.py, GRACE_S), so it is not checked.
+  assert re.fullmatch(
+      r'error: process 1 of 2 failed \(killed by SIGKILL\); process 0 ended '
+      r'on its own: (exit status \d+|killed by SIG[A-Z]+)\.',
+      result.stdout.strip().splitlines()[-1]), result.stdout[-3000:]
 
 
 def test_local_usage_errors():

@@ -53,10 +53,30 @@ def test_the_check_sees_an_import_of_the_studies(tmp_path):
   assert _study_imports(lazy) == ['sleep_jax.studies']
 
 
+# A study named after the method piece it studies shares that module's name
+# (studies/seeding.py studies seeding.py); every other study module's name
+# is the study's alone.
+_NAMED_AFTER_THE_METHOD = {'seeding', 'dreaming'}
+
+
+def _study_stems() -> set[str]:
+  return {p.stem for p in (_ROOT / 'studies').glob('*.py')
+          if p.stem != '__init__'}
+
+
 def test_no_study_module_outside_the_studies():
-  studies = {'fact_world', 'facts', 'world_tfds', 'results', 'report',
-             'cms_recall', 'continual', 'wake_recall', 'seeding_study',
-             'dreaming_study'}
+  studies = _study_stems() - _NAMED_AFTER_THE_METHOD
   outside = [str(p.relative_to(_ROOT)) for p in _method_modules()
              if p.stem in studies]
   assert not outside
+
+
+def test_the_study_names_are_the_modules_that_exist():
+  """The study names are read from sleep_jax/studies/, so they are every
+  study module there (knowledge_*, continual_checks, ...) and nothing else;
+  each exception must be a module on both sides, or it has gone stale."""
+  stems = _study_stems()
+  assert {'continual', 'continual_checks', 'knowledge'} <= stems  # the glob
+  method = {p.stem for p in _method_modules()}
+  assert _NAMED_AFTER_THE_METHOD <= stems & method, (
+      sorted(_NAMED_AFTER_THE_METHOD - (stems & method)))

@@ -44,7 +44,6 @@ docs/design.md §5).
 from __future__ import annotations
 
 from dataclasses import replace as dataclasses_replace
-import math
 
 import flax.linen as nn
 import jax
@@ -160,11 +159,6 @@ class CMSChain(nn.Module):
       z_BxLxD = z_BxLxD + y_BxLxD
       out_BxLxD = y_BxLxD if out_BxLxD is None else out_BxLxD + y_BxLxD
     return out_BxLxD
-
-
-def lowrank_init_stddev(config: TransformerConfig) -> float:
-  """Stddev of A for a newly grown expert (B starts at zero)."""
-  return 1.0 / math.sqrt(config.d_model)
 
 
 def active_param_count(config: TransformerConfig, model_state) -> int:

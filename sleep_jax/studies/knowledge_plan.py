@@ -11,9 +11,9 @@ questions without running the study:
   copy step at the config's sizes (traced, nothing allocated).
 * **How much work?** A ledger per row group: tokens through a forward and
   backward pass, forward-only tokens, sampled tokens and sequential steps,
-  counted from the config the way `knowledge.py` runs it (formulas below;
-  an estimate: prompts are counted at their padded width, questions at
-  `data.max_questions` per passage).
+  counted from the config the way `knowledge_rows.py` runs it (formulas
+  below; an estimate: prompts are counted at their padded width, questions
+  at `data.max_questions` per passage).
 * **How long?** The ledger times per-token costs measured here, on this
   machine, at the config's shapes (one LoRA training step, one batch of
   greedy answers); and, for accelerators, a floor from FLOPs alone (6 x
@@ -46,6 +46,8 @@ from sleep_jax.models import lora
 from sleep_jax.stage_config import with_overrides
 from sleep_jax.studies import knowledge
 from sleep_jax.studies import knowledge_qa as qa
+from sleep_jax.studies import knowledge_rows
+from sleep_jax.studies import knowledge_setup
 
 _GIB = 2.0**30
 # Dense bf16 peak FLOP/s (vendor datasheets) and memory per device.
@@ -153,7 +155,7 @@ def ledger(config) -> dict[str, Work]:
   base = dreaming.DreamingConfig.from_dict(c.dreaming.to_dict())
   seal = with_overrides(base, c.seal.to_dict(), 'seal')
   sleeps = {name: dataclasses.replace(base, **over)
-            for name, over in knowledge.SLEEP_VARIANTS.items()
+            for name, over in knowledge_setup.SLEEP_VARIANTS.items()
             if name in c.rows}
   ft = c.finetune
 
@@ -218,7 +220,8 @@ def memory(config, backbone: qa.Backbone) -> dict:
   base = dreaming.DreamingConfig.from_dict(c.dreaming.to_dict())
   p, t = int(c.data.eval_passages), int(c.data.train_passages)
   lanes = int(ft.chunk_size) or p
-  copies, per_copy = _copy_bytes(backbone.params, knowledge.lora_sft(c.finetune).lora, lanes)
+  copies, per_copy = _copy_bytes(
+      backbone.params, knowledge_rows.lora_sft(c.finetune).lora, lanes)
   rest_lanes = base.chunk_size or t * (base.keep_top + base.keep_random)
   rest_copies, _ = _copy_bytes(backbone.params, base.lora, rest_lanes)
   step, n_params = resources.training_bytes(m, int(ft.batch_size),
@@ -264,7 +267,7 @@ def trace_copy_step(config, backbone: qa.Backbone) -> dict:
                            jnp.float32),
       jax.ShapeDtypeStruct((lanes,), jnp.float32),
       jax.ShapeDtypeStruct((lanes, steps), jnp.bool_))
-  cfg = knowledge.lora_sft(c.finetune)
+  cfg = knowledge_rows.lora_sft(c.finetune)
   out = jax.eval_shape(
       lambda d: dream_sft.fit_copies(b.model, cfg, b.params, b.model_state,
                                      jax.random.key(0), d), data)
@@ -285,7 +288,7 @@ def measure(config, backbone: qa.Backbone, repeats: int = 2) -> dict:
   c, b = config, backbone
   width = int(c.widths.passage)
   batch = max(8, int(c.finetune.batch_size))
-  cfg = knowledge.lora_sft(c.finetune)
+  cfg = knowledge_rows.lora_sft(c.finetune)
   tokens = np.ones((1, repeats, batch, width + 1), np.int32)
   data = dream_sft.CopyData(tokens, np.ones_like(tokens, np.float32),
                             np.full((1,), 1e-4, np.float32),
@@ -339,7 +342,7 @@ def flops(work: Work, params: int) -> float:
 
 def plan(config, backbone: qa.Backbone, *, measure_costs: bool = True) -> dict:
   """The whole answer, as a JSON-ready dict."""
-  knowledge.validate_config(config)
+  knowledge_setup.validate_config(config)
   mem = memory(config, backbone)
   units = ledger(config)
   total = functools.reduce(lambda a, b: a + b, units.values(), Work())
@@ -424,7 +427,7 @@ def render(p: dict) -> str:
 def write(config, workdir: str) -> str:
   """Loads the backbone, writes workdir/plan.json and plan.md; returns the
   Markdown."""
-  knowledge.validate_config(config)
+  knowledge_setup.validate_config(config)
   backbone = qa.load_backbone(config.backbone, config.fast_levels,
                               config.slow_level)
   p = plan(config, backbone)
