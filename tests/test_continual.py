@@ -6,9 +6,10 @@ One uninterrupted smoke run of all fourteen methods, two seeds (the CI
 variant), is the module's reference: it alone builds the world and trains
 the base model. The other runs start from a copy of its `data/` and `base/`
 (or of the whole workdir) and must reproduce its numbers: Sleep seed 1
-alone, killed with SIGKILL during a sleep cycle, resumed, then run again on
-a corrupted newest checkpoint. The poisoned-items run alone builds its own
-base model, so that the check covers base training too. The runs share a
+alone, killed with SIGKILL during a sleep cycle and resumed (on one
+process, then again on a corrupted newest checkpoint; and on two
+processes); four methods with every held-out answer poisoned. The runs
+share a
 compilation cache (conftest.compilation_cache), so a run after the first
 loads its programs instead of compiling them.
 """
@@ -367,9 +368,12 @@ finally:
 def test_held_out_items_leak_into_nothing_poisoned_run_trains_the_same(
     reference, env, tmp_path):
   """If a held-out item fed any training, reward or selection signal,
-  replacing every held-out answer would change what some method trains."""
+  replacing every held-out answer would change what some method trains.
+  The run restores the reference's base model: base training takes only
+  the base population's passages (`base_model` is given `world.base_rows`,
+  never the world or its items)."""
   ref_dir, _ = reference
-  workdir = str(tmp_path / 'poisoned')
+  workdir = _copy_of(ref_dir, tmp_path, parts=('data', 'base'))
   methods = ('sleep', 'finetune_anchor', 'replay_all', 'seal')
   proc = subprocess.run(
       [sys.executable, '-u', '-c', _POISONED_RUN, SMOKE, f'--workdir={workdir}',
