@@ -1,6 +1,7 @@
 """The knowledge-incorporation study (sleep_jax.studies.knowledge and its
 knowledge_setup, knowledge_rows and knowledge_plan modules)."""
 
+import dataclasses
 import json
 import os
 
@@ -88,6 +89,24 @@ def test_dream_unrewarded_reads_no_items_and_trains_only_the_new_expert(
     if moved:  # only the slowest level's experts, never its dense MLP
       assert 'level_1' in name and 'dense' not in name, name
   assert any(jax.tree.leaves(changed)), 'rehearsal changed nothing'
+
+
+def test_the_dreaming_ablation_rows_switch_only_their_knob(smoke_setup):
+  """The two dreaming ablation rows (not in :smoke's run, which keeps one
+  run of every code path) dream with `sleep`'s config but for one switch;
+  tests/test_dreaming.py::test_ablation_switches checks what each does."""
+  s = smoke_setup
+  configs = knowledge_rows._sleep_configs(s, knowledge.ROWS)
+  assert set(configs) == {'sleep', 'sleep_no_gradient_selection',
+                          'sleep_no_random_expert'}
+  base = configs['sleep']
+  assert base == dreaming.DreamingConfig.from_dict(s.config.dreaming.to_dict())
+  assert base.selection == 'gradient' and base.random_expert
+  assert configs['sleep_no_gradient_selection'] == dataclasses.replace(
+      base, selection='random')
+  assert configs['sleep_no_random_expert'] == dataclasses.replace(
+      base, random_expert=False)
+  assert set(knowledge_rows._sleep_configs(s, s.config.rows)) == {'sleep'}
 
 
 def test_validate_config_errors():
