@@ -9,9 +9,7 @@ the base model. The other runs start from a copy of its `data/` and `base/`
 alone, killed with SIGKILL during a sleep cycle and resumed (on one
 process, then again on a corrupted newest checkpoint; and on two
 processes); four methods with every held-out answer poisoned. The runs
-share a
-compilation cache (conftest.compilation_cache), so a run after the first
-loads its programs instead of compiling them.
+share a compilation cache (conftest.compilation_cache).
 """
 
 import json
@@ -369,9 +367,8 @@ def test_held_out_items_leak_into_nothing_poisoned_run_trains_the_same(
     reference, env, tmp_path):
   """If a held-out item fed any training, reward or selection signal,
   replacing every held-out answer would change what some method trains.
-  The run restores the reference's base model: base training takes only
-  the base population's passages (`base_model` is given `world.base_rows`,
-  never the world or its items)."""
+  It restores the reference's base model: base training is given only
+  `world.base_rows` (tests/test_held_out.py checks them)."""
   ref_dir, _ = reference
   workdir = _copy_of(ref_dir, tmp_path, parts=('data', 'base'))
   methods = ('sleep', 'finetune_anchor', 'replay_all', 'seal')
